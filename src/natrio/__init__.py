@@ -1,0 +1,77 @@
+"""natrio: a Trio-native worker runtime for NATS JetStream.
+
+Everything public is exported here; the ``_modules`` behind it follow the way a task
+travels: ``_bridge`` (connection) → ``_consumer`` (continuous pull) → ``_dispatcher``
+(handlers under a concurrency bound) → ``_context`` (what a handler sees) →
+``_outcomes`` (events, replies, dead letters, acks), with ``_worker``, ``_client``,
+``_provision``, ``_directory``, ``_server`` and ``_cli`` beside them.
+"""
+
+from ._bridge import Connection, Message, Subscription, connect
+from ._client import Client, TaskHandle
+from ._codec import DecodeError, converter
+from ._context import TaskContext
+from ._directory import WorkerInfo, list_workers
+from ._dispatcher import DispatcherStatistics
+from ._errors import (
+    ConfigurationError,
+    ConnectError,
+    ConnectionClosed,
+    Fatal,
+    JetStreamError,
+    NatrioError,
+    NoResponders,
+    PayloadTooLarge,
+    RequestTimeout,
+    Retryable,
+    ServerError,
+    TaskFailed,
+    TerminalAlreadyCalled,
+)
+from ._outcomes import DeadLetter, Task, TaskError
+from ._provision import provision
+from ._retry import RetryPolicy
+from ._server import EmbeddedServer, embedded_server, find_nats_server
+from ._version import __version__
+from ._worker import Worker, WorkerStatistics, open_worker, run_worker
+
+__all__ = [
+    "Client",
+    "ConfigurationError",
+    "ConnectError",
+    "Connection",
+    "ConnectionClosed",
+    "DeadLetter",
+    "DecodeError",
+    "DispatcherStatistics",
+    "EmbeddedServer",
+    "Fatal",
+    "JetStreamError",
+    "Message",
+    "NatrioError",
+    "NoResponders",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "Retryable",
+    "RetryPolicy",
+    "ServerError",
+    "Subscription",
+    "Task",
+    "TaskContext",
+    "TaskError",
+    "TaskFailed",
+    "TaskHandle",
+    "TerminalAlreadyCalled",
+    "Worker",
+    "WorkerInfo",
+    "WorkerStatistics",
+    "__version__",
+    "connect",
+    "converter",
+    "embedded_server",
+    "find_nats_server",
+    "list_workers",
+    "open_worker",
+    "provision",
+    "run_worker",
+]

@@ -1,0 +1,233 @@
+"""The client: submit tasks, await their results, read dead letters."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, overload
+
+import trio
+
+from . import _wire as wire
+from ._bridge import Connection, Message, Reply
+from ._codec import decode, encode
+from ._errors import ConfigurationError, TaskFailed
+from ._jetstream import JetStream
+from ._outcomes import DeadLetter, TaskError
+from ._retry import RetryPolicy
+
+T = TypeVar("T")
+
+
+def _deadline(value: float | timedelta | datetime | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ConfigurationError("deadline datetime must be timezone-aware")
+        return value.timestamp()
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise ConfigurationError(f"deadline must be > 0 seconds from now, a timedelta or a datetime, got {value!r}")
+    return time.time() + float(seconds)
+
+
+class TaskHandle:
+    """A submitted task: its identity, and :meth:`result` to wait for its outcome.
+
+    Build one for a task submitted elsewhere with :meth:`Client.handle`; its result is
+    read from the events stream.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        task_type: str,
+        run_id: str,
+        step_id: str,
+        *,
+        group: str | None = None,
+        seq: int | None = None,
+        duplicate: bool = False,
+        slot: Reply | None = None,
+    ) -> None:
+        self.client = client
+        self.task_type = task_type
+        self.run_id = run_id
+        self.step_id = step_id
+        self.group = group
+        self.seq = seq
+        self.duplicate = duplicate
+        self._slot = slot
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_type} {self.run_id}/{self.step_id}>"
+
+    @overload
+    async def result(self, output_type: None = None, *, timeout: float | None = None) -> bytes: ...
+
+    @overload
+    async def result(self, output_type: type[T], *, timeout: float | None = None) -> T: ...
+
+    async def result(self, output_type: Any = None, *, timeout: float | None = None) -> Any:
+        """Wait for the task's outcome and return its output.
+
+        With ``output_type`` the output is decoded into it (JSON via cattrs); without,
+        the raw bytes are returned. Raises :class:`TaskFailed` when the task was
+        dead-lettered, and ``trio.TooSlowError`` after ``timeout`` seconds.
+        """
+        with trio.fail_after(timeout) if timeout is not None else _forever():
+            message = await self._outcome()
+        return _read_outcome(self, message, output_type)
+
+    async def _outcome(self) -> Message:
+        slot = self._slot
+        if slot is not None:
+            # The worker replies directly; the events stream is the safety net for a reply
+            # lost to a reconnect.
+            while True:
+                with trio.move_on_after(self.client.check_interval):
+                    await slot.event.wait()
+                if slot.message is not None:
+                    return slot.message
+                stored = await self.client._stored_outcome(self)
+                if stored is not None:
+                    return stored
+        pattern = wire.event_subject(self.task_type, self.run_id, self.step_id, "*")
+        sub = await self.client.nc.subscribe(pattern)
+        async with sub:
+            # The subscription is in place before the look-up, so nothing falls between.
+            stored = await self.client._stored_outcome(self)
+            if stored is not None:
+                return stored
+            async for msg in sub:
+                if msg.subject.endswith((f".{wire.COMPLETED}", f".{wire.DEAD}")):
+                    return msg
+        raise trio.EndOfChannel("event subscription ended")  # pragma: no cover
+
+
+class _forever:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def _read_outcome(handle: TaskHandle, message: Message, output_type: Any) -> Any:
+    outcome = message.header(wire.H_OUTCOME) or message.subject.rsplit(".", 1)[-1]
+    if outcome == wire.DEAD:
+        error = TaskError.from_dict(json.loads(message.data))
+        raise TaskFailed(handle.task_type, handle.run_id, handle.step_id, error)
+    return decode(message.data, output_type)
+
+
+class Client:
+    """Submits tasks and waits for their outcomes.
+
+    ``check_interval`` is how often a waiting :meth:`TaskHandle.result` also looks in the
+    events stream, in case the worker's direct reply was lost.
+    """
+
+    def __init__(self, nc: Connection, *, timeout: float = 5.0, check_interval: float = 5.0) -> None:
+        self.nc = nc
+        self.js = JetStream(nc, timeout=timeout)
+        self.check_interval = check_interval
+
+    async def submit(
+        self,
+        task_type: str,
+        input: Any = b"",
+        *,
+        run_id: str | None = None,
+        step_id: str | None = None,
+        group: str | None = None,
+        retry: RetryPolicy | None = None,
+        deadline: float | timedelta | datetime | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> TaskHandle:
+        """Put a task in the task stream and return its handle.
+
+        ``input`` is bytes, or a value cattrs can unstructure (an attrs instance, say),
+        sent as JSON. ``run_id`` is generated when absent; ``step_id`` defaults to the
+        task type. Submitting the same task type, run id and step id again within the
+        stream's duplicate window yields no second task (``handle.duplicate`` is true).
+        ``group`` picks the worker group (``"default"``); ``retry`` overrides the
+        worker's policy for this task; ``deadline`` is seconds from now, a timedelta or an
+        aware datetime. Raises ConfigurationError for invalid names or options and
+        PayloadTooLarge when the payload exceeds the server's max_payload.
+        """
+        wire.check_name("task type", task_type)
+        group = wire.check_name("group", group) if group is not None else wire.DEFAULT_GROUP
+        run_id = wire.check_id("run id", run_id) if run_id is not None else secrets.token_hex(12)
+        step_id = wire.check_id("step id", step_id) if step_id is not None else task_type
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        when = _deadline(deadline)
+        message_headers: dict[str, str] = {}
+        for key, value in (headers or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str) or not key or ":" in key:
+                raise ConfigurationError(f"headers must map names to strings, got {key!r}: {value!r}")
+            message_headers[key] = value
+        try:
+            payload = encode(input)
+        except Exception as exc:
+            raise ConfigurationError(f"cannot encode the input for {task_type!r}: {exc}") from None
+        reply_subject, slot = self.nc.expect_reply()
+        message_headers[wire.H_MSG_ID] = wire.task_msg_id(task_type, run_id, step_id)
+        message_headers[wire.H_SUBMITTED] = repr(time.time())
+        message_headers[wire.H_REPLY] = reply_subject
+        if retry is not None:
+            message_headers[wire.H_RETRY] = retry.to_json()
+        if when is not None:
+            message_headers[wire.H_DEADLINE] = repr(when)
+        ack = await self.js.publish(
+            wire.task_subject(task_type, group, run_id, step_id), payload, headers=message_headers
+        )
+        duplicate = bool(ack.get("duplicate"))
+        return TaskHandle(
+            self,
+            task_type,
+            run_id,
+            step_id,
+            group=group,
+            seq=int(ack["seq"]),
+            duplicate=duplicate,
+            # A duplicate runs nothing new, so no reply will come: read the events instead.
+            slot=None if duplicate else slot,
+        )
+
+    def handle(self, task_type: str, run_id: str, step_id: str) -> TaskHandle:
+        """A handle for a task submitted elsewhere (another process, an earlier run)."""
+        wire.check_name("task type", task_type)
+        wire.check_id("run id", run_id)
+        wire.check_id("step id", step_id)
+        return TaskHandle(self, task_type, run_id, step_id)
+
+    async def _stored_outcome(self, handle: TaskHandle) -> Message | None:
+        found: list[tuple[int, Message]] = []
+        for kind in (wire.COMPLETED, wire.DEAD):
+            msg = await self.js.last_message(
+                wire.EVENT_STREAM, wire.event_subject(handle.task_type, handle.run_id, handle.step_id, kind)
+            )
+            if msg is not None:
+                found.append((int(msg.header("Nats-Sequence") or 0), msg))
+        return max(found, key=lambda item: item[0])[1] if found else None
+
+    async def dead_letters(self, task_type: str | None = None, *, limit: int = 100) -> list[DeadLetter]:
+        """The most recent dead-letter entries (oldest first), optionally of one task type."""
+        if task_type is not None:
+            wire.check_name("task type", task_type)
+        subject = f"{wire.PREFIX}.dead.{task_type or '*'}.>"
+        info = await self.js.stream_info(wire.DEAD_STREAM, subjects_filter=subject)
+        subjects = (info.get("state") or {}).get("subjects") or {}
+        entries: list[DeadLetter] = []
+        for name in subjects:
+            msg = await self.js.last_message(wire.DEAD_STREAM, name)
+            if msg is not None:
+                entries.append(DeadLetter.from_json(msg.data))
+        entries.sort(key=lambda e: e.time)
+        return entries[-limit:]

@@ -1,0 +1,222 @@
+"""The consumer: one JetStream pull consumer, pulled continuously, its messages handed to a sink.
+
+natrio speaks the pull protocol itself rather than calling nats-py's ``fetch()`` (see
+DESIGN.md): pull requests are published to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>``
+with an inbox as reply subject, messages arrive on that inbox, and the consumer keeps
+``held + requested <= window``, where ``held`` are messages handed to the sink and not
+yet released and ``requested`` are messages asked for and not yet received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ._bridge import Connection, Message, Subscription
+from ._errors import NatrioError
+
+log = logging.getLogger("natrio.consumer")
+
+_NS = 1_000_000_000
+
+
+class ConsumerGone(NatrioError):
+    """The server reported the consumer deleted (409) or rejected its pulls (400)."""
+
+
+class PullConsumer:
+    """Pulls one durable consumer continuously and hands each task message to ``sink``.
+
+    ``sink(message)`` (set before :meth:`run`) is called synchronously for every delivered message; the owner
+    calls :meth:`release` once the message is acked, NAK'd or terminated, which frees
+    room in the window. ``group`` makes the pulls priority-group pulls (with the pin id
+    the server hands out, when it is a pinned-client group). When the server says the
+    consumer is gone, ``recreate()`` is awaited and pulling starts again.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        stream: str,
+        name: str,
+        window: int,
+        sink: Callable[[Message], None] | None = None,
+        expires: float = 30.0,
+        heartbeat: float = 5.0,
+        group: str | None = None,
+        recreate: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.conn = conn
+        self.stream = stream
+        self.name = name
+        self.window = window
+        self.group = group
+        self.pin_id: str | None = None
+        self.requested = 0
+        self.held = 0
+        self.received = 0
+        self.pulls = 0
+        self.sink = sink
+        self._recreate = recreate
+        self._threshold = max(1, window // 2)
+        self._heartbeat = heartbeat
+        self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
+        self._pull_options: dict[str, object] = {
+            "expires": int(expires * _NS),
+            "idle_heartbeat": int(min(heartbeat, expires / 2) * _NS),
+        }
+        if group is not None:
+            self._pull_options["group"] = group
+        self._inbox: Subscription | None = None
+        self._pulling = False
+        self._gone: str | None = None
+        self._last_activity = 0.0
+
+    # -- pulling ----------------------------------------------------------------------
+
+    def _pull(self) -> None:
+        if not self._pulling or self._inbox is None or self._gone is not None:
+            return
+        free = self.window - self.held - self.requested
+        # Pull in halves of the window, but never sit idle with room and nothing asked for.
+        if free < self._threshold and not (free > 0 and self.requested == 0):
+            return
+        body = dict(self._pull_options, batch=free)
+        if self.pin_id is not None:
+            body["id"] = self.pin_id
+        self.requested += free
+        self.pulls += 1
+        self._last_activity = trio.current_time()
+        self.conn.publish_nowait(self._pull_subject, json.dumps(body).encode(), reply=self._inbox.subject)
+
+    def _reset(self) -> None:
+        # Outstanding pulls are lost (reconnect, leadership change, silence): ask afresh.
+        self.requested = 0
+        self._pull()
+
+    def release(self, count: int = 1) -> None:
+        """``count`` held messages reached their end (acked, NAK'd or terminated)."""
+        self.held -= count
+        self._pull()
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _handle(self, msg: Message) -> None:
+        status = msg.status
+        if status is None:
+            if self.requested > 0:
+                self.requested -= 1
+            self.held += 1
+            self.received += 1
+            if self.group is not None:
+                pin = msg.header("Nats-Pin-Id")
+                if pin:
+                    self.pin_id = pin
+            assert self.sink is not None, "set PullConsumer.sink before run()"
+            self.sink(msg)
+            return
+        if status == "100":
+            return
+        description = msg.header("Description", "") or ""
+        if status == "409" and "Leadership Change" in description:
+            self.requested = 0
+            return
+        if status == "409" and ("Consumer Deleted" in description or "push based" in description):
+            self._gone = description
+            return
+        if status == "400":
+            self._gone = f"400 {description}"
+            return
+        if status == "423":
+            # Another client holds the pin: forget ours and keep pulling as a standby.
+            self.pin_id = None
+        pending = msg.header("Nats-Pending-Messages")
+        if pending is not None:
+            self.requested = max(0, self.requested - int(pending))
+        elif status not in ("404", "408"):
+            log.warning("consumer %s: unexpected status %s %s", self.name, status, description)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Pull until :meth:`stop`; started once the inbox exists and the first pull is sent."""
+        inbox = await self.conn.subscribe(self.conn.new_inbox())
+        self._inbox = inbox
+        remove_listener = self.conn.add_reconnect_listener(self._reset)
+        try:
+            self._pulling = True
+            self._pull()
+            task_status.started()
+            await self._receive(inbox)
+        finally:
+            remove_listener()
+            self._pulling = False
+            with trio.CancelScope(shield=True):
+                await inbox.unsubscribe()
+
+    async def _receive(self, inbox: Subscription) -> None:
+        silence = 2 * self._heartbeat
+        while True:
+            with trio.move_on_at(self._last_activity + silence) as scope:
+                try:
+                    msg = await inbox.receive()
+                except trio.EndOfChannel:
+                    return
+            if scope.cancelled_caught:
+                self._last_activity = trio.current_time()
+                if self.requested > 0:
+                    log.debug("consumer %s: no heartbeat for %.1f s, pulling again", self.name, silence)
+                    self._reset()
+                continue
+            self._handle(msg)
+            # Take whatever else has arrived before deciding about the next pull.
+            while True:
+                try:
+                    msg = inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                self._handle(msg)
+            self._last_activity = trio.current_time()
+            if self._gone is not None:
+                await self._recover()
+            self._pull()
+
+    async def _recover(self) -> None:
+        reason, self._gone = self._gone, None
+        if self._recreate is None:
+            raise ConsumerGone(f"consumer {self.stream}/{self.name}: {reason}")
+        log.warning("consumer %s/%s: %s; recreating it", self.stream, self.name, reason)
+        delay = 0.1
+        while True:
+            try:
+                await self._recreate()
+                break
+            except NatrioError as exc:
+                log.warning("recreating consumer %s failed: %r; retrying", self.name, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.requested = 0
+
+    async def stop(self) -> None:
+        """Stop pulling and wait until every message the server already sent has arrived.
+
+        Messages that arrive meanwhile still reach the sink, whose owner NAKs them when it
+        is shutting down; then :meth:`run` returns.
+        """
+        self._pulling = False
+        if self._inbox is not None:
+            await self._inbox.drain()
+
+    def statistics(self) -> dict[str, int]:
+        """Window, held, requested, received and pulls sent."""
+        return {
+            "window": self.window,
+            "held": self.held,
+            "requested": self.requested,
+            "received": self.received,
+            "pulls": self.pulls,
+        }

@@ -1,0 +1,109 @@
+"""The worker directory: each running worker's entry in the ``natrio_workers`` KV bucket."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from . import _wire as wire
+from ._bridge import Connection
+from ._errors import JetStreamError, NatrioError
+from ._jetstream import STREAM_NOT_FOUND, JetStream, KeyValue
+from ._outcomes import now_iso
+
+log = logging.getLogger("natrio.directory")
+
+_NS = 1_000_000_000
+
+
+@attrs.frozen
+class WorkerInfo:
+    """A worker's directory entry, as :func:`list_workers` returns it."""
+
+    worker_id: str
+    worker_name: str
+    task_types: tuple[str, ...]
+    groups: tuple[str, ...]
+    hostname: str
+    pid: int
+    version: str
+    started_at: str
+    last_seen: str
+    in_flight: int = 0
+    processed: int = 0
+    failed: int = 0
+
+    def to_json(self) -> bytes:
+        """The entry as stored."""
+        return json.dumps(attrs.asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> WorkerInfo:
+        """Read a stored entry."""
+        data = json.loads(raw)
+        data["task_types"] = tuple(data["task_types"])
+        data["groups"] = tuple(data["groups"])
+        return cls(**data)
+
+
+def _bucket(nc: Connection) -> KeyValue:
+    return KeyValue(JetStream(nc), wire.WORKERS_BUCKET)
+
+
+async def list_workers(nc: Connection) -> list[WorkerInfo]:
+    """Every worker currently registered, sorted by worker id.
+
+    A worker that died without deregistering disappears once its entry's TTL (the
+    ``worker_ttl`` given to :func:`provision`) passes without a heartbeat.
+    """
+    workers = []
+    for key, raw in (await _bucket(nc).items()).items():
+        try:
+            workers.append(WorkerInfo.from_json(raw))
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignoring unreadable directory entry %s", key)
+    return sorted(workers, key=lambda w: w.worker_id)
+
+
+class Registration:
+    """One worker's entry: written at start, refreshed on a heartbeat, deleted at stop."""
+
+    def __init__(self, nc: Connection, key: str, describe: Callable[[], WorkerInfo]) -> None:
+        self.kv = _bucket(nc)
+        self.key = key
+        self.describe = describe
+        self.interval = 5.0
+
+    async def register(self) -> None:
+        """Write the entry; the heartbeat interval becomes a third of the bucket's TTL."""
+        try:
+            info: dict[str, Any] = await self.kv.js.stream_info(self.kv.stream)
+        except JetStreamError as exc:
+            if exc.err_code == STREAM_NOT_FOUND:
+                raise NatrioError(
+                    f"the {wire.WORKERS_BUCKET} bucket does not exist: run natrio.provision() first"
+                ) from None
+            raise
+        ttl = info["config"].get("max_age", 0) / _NS
+        if ttl > 0:
+            self.interval = ttl / 3
+        await self.kv.put(self.key, self.describe().to_json())
+
+    async def heartbeat(self) -> None:
+        """Refresh the entry every interval until cancelled; a failed refresh is retried next time."""
+        while True:
+            await trio.sleep(self.interval)
+            try:
+                await self.kv.put(self.key, self.describe().to_json())
+            except NatrioError as exc:
+                log.warning("directory heartbeat failed: %r", exc)
+
+    async def deregister(self) -> None:
+        """Delete the entry."""
+        await self.kv.delete(self.key)
+

@@ -1,0 +1,164 @@
+"""The JetStream API as JSON requests over the bridge: streams, consumers, publishes, KV reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ._bridge import Connection, Message
+from ._errors import JetStreamError, NatrioError, NoResponders
+
+API = "$JS.API"
+
+# JetStream error codes natrio reacts to.
+STREAM_NOT_FOUND = 10059
+STREAM_NAME_IN_USE = 10058
+CONSUMER_NOT_FOUND = 10014
+MESSAGE_NOT_FOUND = 10037
+
+
+class JetStream:
+    """JetStream operations natrio needs, each a request to the ``$JS.API`` or a publish."""
+
+    def __init__(self, conn: Connection, *, timeout: float = 5.0) -> None:
+        self.conn = conn
+        self.timeout = timeout
+
+    async def api(self, subject: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Call ``$JS.API.<subject>`` and return the JSON reply; JetStreamError on an error reply."""
+        payload = json.dumps(body).encode() if body is not None else b""
+        try:
+            msg = await self.conn.request(f"{API}.{subject}", payload, timeout=self.timeout)
+        except NoResponders:
+            raise NatrioError(
+                "JetStream is not enabled on this server (no responders on $JS.API); "
+                "start nats-server with -js"
+            ) from None
+        reply: dict[str, Any] = json.loads(msg.data)
+        error = reply.get("error")
+        if error:
+            raise JetStreamError(
+                int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description", ""))
+            )
+        return reply
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Publish into a stream and wait for the stream's acknowledgement (its ``PubAck``).
+
+        The reply has ``stream``, ``seq`` and ``duplicate`` (true when ``Nats-Msg-Id``
+        matched an earlier message inside the duplicate window).
+        """
+        try:
+            msg = await self.conn.request(
+                subject, payload, headers=headers, timeout=timeout or self.timeout
+            )
+        except NoResponders:
+            raise NatrioError(
+                f"no stream holds {subject}: run natrio.provision() first"
+            ) from None
+        reply: dict[str, Any] = json.loads(msg.data)
+        error = reply.get("error")
+        if error:
+            raise JetStreamError(
+                int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description", ""))
+            )
+        return reply
+
+    async def ensure_stream(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Create the stream, or update it to ``config`` when it exists."""
+        name = config["name"]
+        try:
+            return await self.api(f"STREAM.CREATE.{name}", config)
+        except JetStreamError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+        return await self.api(f"STREAM.UPDATE.{name}", config)
+
+    async def stream_info(self, name: str, *, subjects_filter: str | None = None) -> dict[str, Any]:
+        """The stream's config and state; with ``subjects_filter``, its subjects and counts."""
+        body = {"subjects_filter": subjects_filter} if subjects_filter else None
+        return await self.api(f"STREAM.INFO.{name}", body)
+
+    async def ensure_consumer(self, stream: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Create the durable consumer, or update it to ``config`` when it exists."""
+        name = config["durable_name"]
+        return await self.api(
+            f"CONSUMER.CREATE.{stream}.{name}", {"stream_name": stream, "config": dict(config)}
+        )
+
+    async def consumer_info(self, stream: str, name: str) -> dict[str, Any]:
+        """The consumer's config and state (delivered, ack pending, waiting pulls)."""
+        return await self.api(f"CONSUMER.INFO.{stream}.{name}")
+
+    async def delete_consumer(self, stream: str, name: str) -> None:
+        """Delete a consumer; a missing one is not an error."""
+        try:
+            await self.api(f"CONSUMER.DELETE.{stream}.{name}")
+        except JetStreamError as exc:
+            if exc.err_code != CONSUMER_NOT_FOUND:
+                raise
+
+    async def last_message(self, stream: str, subject: str) -> Message | None:
+        """The last message stored on ``subject`` (a direct get), or None when there is none."""
+        body = json.dumps({"last_by_subj": subject}).encode()
+        msg = await self.conn.request(f"{API}.DIRECT.GET.{stream}", body, timeout=self.timeout)
+        status = msg.status
+        if status == "404":
+            return None
+        if status is not None and status != "200":
+            raise JetStreamError(int(status), 0, msg.header("Description", "") or "direct get failed")
+        return msg
+
+
+class KeyValue:
+    """A JetStream key-value bucket, read and written through its stream ``KV_<bucket>``."""
+
+    def __init__(self, js: JetStream, bucket: str) -> None:
+        self.js = js
+        self.bucket = bucket
+        self.stream = f"KV_{bucket}"
+
+    def _subject(self, key: str) -> str:
+        return f"$KV.{self.bucket}.{key}"
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Store ``value`` under ``key``; returns the revision."""
+        ack = await self.js.publish(self._subject(key), value)
+        return int(ack["seq"])
+
+    async def get(self, key: str) -> bytes | None:
+        """The current value of ``key``, or None when absent, deleted or expired."""
+        msg = await self.js.last_message(self.stream, self._subject(key))
+        if msg is None or msg.header("KV-Operation") in ("DEL", "PURGE"):
+            return None
+        return msg.data
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` and its history."""
+        await self.js.publish(
+            self._subject(key), b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+        )
+
+    async def keys(self) -> list[str]:
+        """Keys that currently have a value."""
+        prefix = f"$KV.{self.bucket}."
+        info = await self.js.stream_info(self.stream, subjects_filter=prefix + ">")
+        subjects = (info.get("state") or {}).get("subjects") or {}
+        return sorted(s[len(prefix) :] for s in subjects)
+
+    async def items(self) -> dict[str, bytes]:
+        """Every key with a value, and the value."""
+        out: dict[str, bytes] = {}
+        for key in await self.keys():
+            value = await self.get(key)
+            if value is not None:
+                out[key] = value
+        return out

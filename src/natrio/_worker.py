@@ -1,0 +1,458 @@
+"""The worker: handler registration, options, the nursery that holds consumers, dispatcher and
+directory heartbeat, and bounded shutdown."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import secrets
+import signal
+import socket
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar, overload
+
+import attrs
+import trio
+
+from . import _wire as wire
+from ._bridge import Connection
+from ._codec import DecodeError, decode
+from ._consumer import PullConsumer
+from ._context import TaskContext
+from ._directory import Registration, WorkerInfo
+from ._dispatcher import Dispatcher, DispatcherStatistics, Handler, Route
+from ._errors import ConfigurationError, Fatal, NatrioError
+from ._jetstream import JetStream
+from ._outcomes import Reporter, now_iso
+from ._retry import RetryPolicy
+from ._version import __version__
+
+log = logging.getLogger("natrio.worker")
+
+_NS = 1_000_000_000
+
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+
+@contextmanager
+def _single_error() -> Iterator[None]:
+    # A nursery wraps even one failure in an ExceptionGroup; callers get the failure itself.
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from None
+        raise
+
+
+def _positive(name: str) -> Callable[[Any, Any, float], None]:
+    def check(_inst: Any, _attr: Any, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigurationError(f"{name} must be a number > 0, got {value!r}")
+
+    return check
+
+
+def _check_async(task_type: str, fn: object) -> None:
+    if not callable(fn):
+        raise ConfigurationError(f"handler for {task_type!r} is not callable: {fn!r}")
+    call = getattr(fn, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)):
+        raise ConfigurationError(f"handler for {task_type!r} must be an async function, got {fn!r}")
+
+
+@attrs.define
+class WorkerStatistics:
+    """A snapshot of a worker: its dispatcher's counters and each consumer's window."""
+
+    worker_id: str
+    running: bool
+    dispatcher: DispatcherStatistics
+    consumers: dict[str, dict[str, int]]
+
+
+class Worker:
+    """Takes tasks off JetStream and runs their handlers, ``concurrency`` at a time.
+
+    Register handlers with :meth:`handle` or :meth:`handle_typed`, then run it in a
+    nursery with ``await nursery.start(worker.run)`` (it returns once its consumers pull
+    and it is registered in the directory), or with :func:`open_worker` or
+    :func:`run_worker`. Options:
+
+    - ``concurrency``: handlers running at once across all task types (>= 1).
+    - ``groups``: the worker groups served; every task lives in exactly one group,
+      ``"default"`` unless submitted with another. A worker serves ``("default",)``
+      unless told otherwise, so grouped and ungrouped workers run side by side.
+    - ``retry``: the default RetryPolicy (a handler's or a task's own policy wins).
+    - ``ack_wait``: default seconds before the server redelivers an unacknowledged task;
+      running tasks are kept alive with ``+WPI`` every ack_wait/3.
+    - ``shutdown_grace``: seconds running handlers get when the worker stops.
+    - ``prefetch``: messages each consumer may hold (queued or running); default
+      ``concurrency``.
+    - ``name``: the stable worker name; default from its task types and groups.
+
+    Invalid options raise ConfigurationError here, invalid registrations in
+    :meth:`handle`.
+    """
+
+    def __init__(
+        self,
+        nc: Connection,
+        *,
+        concurrency: int = 16,
+        groups: Iterable[str] | None = None,
+        retry: RetryPolicy | None = None,
+        ack_wait: float = 30.0,
+        shutdown_grace: float = 30.0,
+        prefetch: int | None = None,
+        name: str | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1):
+            raise ConfigurationError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        group_list = [wire.DEFAULT_GROUP] if groups is None else list(groups)
+        if isinstance(groups, str):
+            raise ConfigurationError("groups must be a list of names, not a string")
+        if not group_list:
+            raise ConfigurationError("groups must name at least one group")
+        for group in group_list:
+            wire.check_name("group", group)
+        if len(set(group_list)) != len(group_list):
+            raise ConfigurationError(f"groups has duplicates: {group_list!r}")
+        _positive("ack_wait")(None, None, ack_wait)
+        if isinstance(shutdown_grace, bool) or not isinstance(shutdown_grace, int | float) or shutdown_grace < 0:
+            raise ConfigurationError(f"shutdown_grace must be >= 0, got {shutdown_grace!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if name is not None:
+            wire.check_name("worker name", name)
+        self.nc = nc
+        self.concurrency = concurrency
+        self.groups: tuple[str, ...] = tuple(group_list)
+        self.retry = retry or RetryPolicy()
+        self.ack_wait = float(ack_wait)
+        self.shutdown_grace = float(shutdown_grace)
+        self.prefetch = prefetch or concurrency
+        self.logger = logger or logging.getLogger("natrio.task")
+        self._name = name
+        self._routes: dict[str, Route] = {}
+        self._token = secrets.token_hex(6)
+        self._hostname = socket.gethostname()
+        self._stop = trio.Event()
+        self._grace: float | None = None
+        self._running = False
+        self._dispatcher: Dispatcher | None = None
+        self._consumers: list[PullConsumer] = []
+        self._started_at = ""
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def worker_name(self) -> str:
+        """Stable across processes with the same task types and groups (or the given name)."""
+        if self._name:
+            return self._name
+        return f"{'+'.join(sorted(self._routes)) or 'none'}/{'+'.join(sorted(self.groups))}"
+
+    @property
+    def worker_id(self) -> str:
+        """Unique per worker: ``<worker_name>.<random>@<hostname>``."""
+        return f"{self.worker_name}.{self._token}@{self._hostname}"
+
+    @property
+    def task_types(self) -> tuple[str, ...]:
+        """The registered task types, sorted."""
+        return tuple(sorted(self._routes))
+
+    # -- registration -----------------------------------------------------------------
+
+    def _register(self, task_type: str, handler: Handler, ack_wait: float | None, retry: RetryPolicy | None) -> None:
+        wire.check_name("task type", task_type)
+        if self._running:
+            raise ConfigurationError("register handlers before the worker starts")
+        if task_type in self._routes:
+            raise ConfigurationError(f"a handler for {task_type!r} is already registered")
+        if ack_wait is not None:
+            _positive("ack_wait")(None, None, ack_wait)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        self._routes[task_type] = Route(
+            task_type=task_type,
+            handler=handler,
+            ack_wait=float(ack_wait or self.ack_wait),
+            retry=retry,
+        )
+
+    @overload
+    def handle(
+        self, task_type: str, fn: None = None, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+    ) -> Callable[[H], H]: ...
+
+    @overload
+    def handle(
+        self, task_type: str, fn: H, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+    ) -> H: ...
+
+    def handle(
+        self,
+        task_type: str,
+        fn: H | None = None,
+        *,
+        ack_wait: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> H | Callable[[H], H]:
+        """Register ``async def fn(ctx) -> bytes | None | value`` for ``task_type``.
+
+        Use as ``@worker.handle("type")`` or ``worker.handle("type", fn)``. The handler
+        reads ``ctx.input`` (bytes); what it returns is the output (bytes as they are,
+        other values as JSON via cattrs). ``ack_wait`` and ``retry`` override the worker's.
+        """
+
+        def register(fn: H) -> H:
+            _check_async(task_type, fn)
+            self._register(task_type, fn, ack_wait, retry)
+            return fn
+
+        return register if fn is None else register(fn)
+
+    @overload
+    def handle_typed(
+        self, task_type: str, fn: None = None, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+    ) -> Callable[[H], H]: ...
+
+    @overload
+    def handle_typed(
+        self, task_type: str, fn: H, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+    ) -> H: ...
+
+    def handle_typed(
+        self,
+        task_type: str,
+        fn: H | None = None,
+        *,
+        ack_wait: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> H | Callable[[H], H]:
+        """Register ``async def fn(ctx, value: In) -> Out`` for ``task_type``.
+
+        The input is decoded from JSON into ``In`` and the output encoded from ``Out`` with
+        cattrs, both types taken from the annotations (``Out`` may be ``None``). Input
+        that cannot be decoded fails the task permanently, naming the type and the field.
+        """
+
+        def register(fn: H) -> H:
+            _check_async(task_type, fn)
+            input_type = _input_type(task_type, fn)
+
+            async def typed(ctx: TaskContext) -> Any:
+                try:
+                    value = decode(ctx.input, input_type)
+                except DecodeError as exc:
+                    raise Fatal(exc) from None
+                return await fn(ctx, value)
+
+            typed.__qualname__ = getattr(fn, "__qualname__", typed.__qualname__)
+            self._register(task_type, typed, ack_wait, retry)
+            return fn
+
+        return register if fn is None else register(fn)
+
+    # -- running ----------------------------------------------------------------------
+
+    def _describe(self) -> WorkerInfo:
+        stats = self._dispatcher.statistics() if self._dispatcher else None
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            worker_name=self.worker_name,
+            task_types=self.task_types,
+            groups=self.groups,
+            hostname=self._hostname,
+            pid=os.getpid(),
+            version=__version__,
+            started_at=self._started_at,
+            last_seen=now_iso(),
+            in_flight=stats.in_flight if stats else 0,
+            processed=stats.processed if stats else 0,
+            failed=stats.dead if stats else 0,
+        )
+
+    def _consumer_config(self, route: Route, group: str) -> dict[str, Any]:
+        return {
+            "durable_name": wire.consumer_name(route.task_type, group),
+            "filter_subject": wire.task_filter(route.task_type, group),
+            "ack_policy": "explicit",
+            "ack_wait": int(route.ack_wait * _NS),
+            # Retries are the worker's decision (RetryPolicy), not the server's.
+            "max_deliver": -1,
+            "max_ack_pending": -1,
+            "deliver_policy": "all",
+            "replay_policy": "instant",
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve tasks until :meth:`stop` is called or the enclosing scope is cancelled.
+
+        Signals ``task_status.started()`` once every consumer is pulling and the worker
+        is in the directory. Either way of stopping is bounded: pulling stops, queued tasks
+        are NAK'd at once, running handlers get the grace period and are then cancelled
+        and NAK'd, the directory entry is deleted; ``run`` returns within grace + 1 s.
+        """
+        if not self._routes:
+            raise ConfigurationError("the worker has no handlers: register one before run()")
+        if self._running:
+            raise NatrioError("this worker is already running")
+        self._running = True
+        self._stop = trio.Event()
+        self._started_at = now_iso()
+        reporter = Reporter(self.nc, self.worker_id)
+        dispatcher = Dispatcher(
+            reporter, concurrency=self.concurrency, default_retry=self.retry, logger=self.logger
+        )
+        self._dispatcher = dispatcher
+        js = JetStream(self.nc)
+        registration = Registration(self.nc, self._token, self._describe)
+        consumers: list[PullConsumer] = []
+        for route in self._routes.values():
+            for group in self.groups:
+                config = self._consumer_config(route, group)
+
+                async def recreate(config: dict[str, Any] = config) -> None:
+                    await js.ensure_consumer(wire.TASK_STREAM, config)
+
+                await recreate()
+                consumer = PullConsumer(
+                    self.nc,
+                    stream=wire.TASK_STREAM,
+                    name=config["durable_name"],
+                    window=self.prefetch,
+                    recreate=recreate,
+                )
+                consumer.sink = dispatcher.sink(route, consumer)
+                consumers.append(consumer)
+        self._consumers = consumers
+        try:
+            with _single_error():
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(dispatcher.run)
+                    for consumer in consumers:
+                        await nursery.start(consumer.run)
+                    await registration.register()
+                    nursery.start_soon(registration.heartbeat)
+                    log.info("worker %s serving %s", self.worker_id, ", ".join(self.task_types))
+                    task_status.started()
+                    try:
+                        await self._stop.wait()
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._shutdown(dispatcher, consumers, registration)
+                        nursery.cancel_scope.cancel()
+        finally:
+            self._running = False
+
+    async def _shutdown(
+        self, dispatcher: Dispatcher, consumers: list[PullConsumer], registration: Registration
+    ) -> None:
+        grace = self.shutdown_grace if self._grace is None else self._grace
+        log.info("worker %s stopping (grace %.1f s)", self.worker_id, grace)
+        # From here on every arriving message is NAK'd at once.
+        dispatcher.stopping = True
+        with trio.move_on_after(min(0.3, grace + 0.3)):
+            async with trio.open_nursery() as nursery:
+                for consumer in consumers:
+                    nursery.start_soon(consumer.stop)
+        await dispatcher.shutdown(grace)
+        with trio.move_on_after(0.3):
+            try:
+                await registration.deregister()
+            except NatrioError as exc:
+                log.warning("could not delete directory entry: %r", exc)
+        with trio.move_on_after(0.2):
+            try:
+                await self.nc.flush(0.2)
+            except NatrioError:
+                pass
+
+    def stop(self, grace: float | None = None) -> None:
+        """Ask the running worker to stop; ``run()`` returns within ``grace`` + 1 s.
+
+        ``grace`` defaults to the worker's ``shutdown_grace``. Safe to call more than once
+        (the first grace given is used) and before the worker starts.
+        """
+        if grace is not None and not grace >= 0:
+            raise ConfigurationError(f"grace must be >= 0, got {grace!r}")
+        if self._grace is None and grace is not None:
+            self._grace = float(grace)
+        self._stop.set()
+
+    def statistics(self) -> WorkerStatistics:
+        """A snapshot of the dispatcher's counters and each consumer's window."""
+        dispatcher = self._dispatcher or Dispatcher(
+            Reporter(self.nc, self.worker_id),
+            concurrency=self.concurrency,
+            default_retry=self.retry,
+            logger=self.logger,
+        )
+        return WorkerStatistics(
+            worker_id=self.worker_id,
+            running=self._running,
+            dispatcher=dispatcher.statistics(),
+            consumers={c.name: c.statistics() for c in self._consumers},
+        )
+
+
+def _input_type(task_type: str, fn: Callable[..., Any]) -> Any:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot read the annotations of the {task_type!r} handler: {exc}") from None
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    if len(params) != 2:
+        raise ConfigurationError(
+            f"a typed handler takes (ctx, value); the {task_type!r} handler takes {len(params)} parameter(s)"
+        )
+    input_type = hints.get(params[1].name)
+    if input_type is None:
+        raise ConfigurationError(
+            f"annotate the second parameter of the {task_type!r} handler with its input type"
+        )
+    if "return" not in hints:
+        raise ConfigurationError(f"annotate the return type of the {task_type!r} handler (None is fine)")
+    return input_type
+
+
+@asynccontextmanager
+async def open_worker(worker: Worker, *, grace: float | None = None) -> AsyncIterator[Worker]:
+    """Run ``worker`` for the body of an ``async with``; on exit stop it and wait for it.
+
+    The worker is pulling and registered when the body starts.
+    """
+    with _single_error():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            try:
+                yield worker
+            finally:
+                worker.stop(grace)
+
+
+async def run_worker(worker: Worker, *, grace: float | None = None) -> None:
+    """Run ``worker`` until SIGINT or SIGTERM, then stop it gracefully.
+
+    Must be called from the main thread.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    log.info("received %s; stopping", signal.Signals(signum).name)
+                    worker.stop(grace)
+
+            nursery.start_soon(on_signals)
+            await worker.run()
+            nursery.cancel_scope.cancel()
