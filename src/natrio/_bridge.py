@@ -16,7 +16,7 @@ import os
 import re
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import nats
@@ -32,6 +32,7 @@ from ._errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
+from ._util import single_error
 
 __all__ = ["DEFAULT_URL", "Connection", "Message", "Reply", "Subscription", "connect"]
 
@@ -263,12 +264,12 @@ class Connection:
         payload: bytes = b"",
         *,
         headers: Mapping[str, str] | None = None,
-        timeout: float = 5.0,
     ) -> Message:
         """Publish with a reply subject and return the first reply.
 
-        Raises RequestTimeout, NoResponders (nobody subscribed; for a JetStream publish,
-        no stream holds the subject), PayloadTooLarge or ConnectionClosed.
+        Waits as long as the caller's cancel scope allows (wrap it in
+        ``trio.move_on_after``). Raises NoResponders (nobody subscribed; for a JetStream
+        publish, no stream holds the subject), PayloadTooLarge or ConnectionClosed.
         """
         if self._closed:
             raise ConnectionClosed("the connection is closed")
@@ -282,33 +283,32 @@ class Connection:
         self._waiters[token] = waiter
         try:
             self._enqueue((subject, payload, self._mux_prefix + token, headers, waiter))
-            with trio.move_on_after(timeout):
-                await waiter.event.wait()
+            await waiter.event.wait()
         finally:
             self._waiters.pop(token, None)
         if waiter.error is not None:
             raise waiter.error
         message = waiter.message
-        if message is None:
-            raise RequestTimeout(f"no reply to a request on {subject} within {timeout} s")
+        assert message is not None
         if message.status == "503":
             raise NoResponders(f"no responders on {subject}")
         return message
 
-    async def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every queued publish has been sent and the server has seen it."""
+    async def flush(self) -> None:
+        """Wait until every queued publish has been sent and the server has seen it.
+
+        Bound it with a cancel scope; nats-py's own flush gives up after 10 s with
+        RequestTimeout.
+        """
         if self._closed:
             return
         marker = Reply()
         self._enqueue((None, b"", "", None, marker))
-        with trio.move_on_after(timeout) as scope:
-            await marker.event.wait()
-            try:
-                await self._aio(self._nc.flush)(timeout)
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                raise RequestTimeout(f"flush did not complete: {exc!r}") from None
-        if scope.cancelled_caught:
-            raise RequestTimeout(f"flush did not complete within {timeout} s")
+        await marker.event.wait()
+        try:
+            await self._aio(self._nc.flush)(10)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise RequestTimeout(f"flush did not complete: {exc!r}") from None
 
     async def _drain_outbox(self) -> None:
         # The one asyncio task that hands queued publishes to nats-py, a batch per wake-up,
@@ -328,7 +328,9 @@ class Connection:
                         await nc.publish(subject, payload, reply=reply, headers=headers)
                     except (nats.errors.Error, OSError) as exc:
                         if waiter is not None:
-                            waiter.error = ConnectionClosed(f"could not publish on {subject}: {exc!r}")
+                            waiter.error = ConnectionClosed(
+                                f"could not publish on {subject}: {exc!r}"
+                            )
                             waiter.event.set()
                         else:
                             log.warning("could not publish on %s: %r", subject, exc)
@@ -345,10 +347,8 @@ class Connection:
         push = send.send_nowait
 
         async def deliver(msg: Any) -> None:
-            try:
+            with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
                 push(Message(msg.subject, msg.data, msg.reply, msg.headers))
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
 
         sub = await self._aio(self._nc.subscribe)(subject, queue=queue, cb=deliver)
         return Subscription(self, subject, receive, send, sub)
@@ -393,11 +393,13 @@ class Connection:
             return
         with trio.CancelScope(shield=True):
             if self._nc.is_connected:
-                with trio.move_on_after(5.0):
+                with trio.move_on_after(5.0) as scope:
                     try:
                         await self.flush()
                     except RequestTimeout:
-                        log.warning("closing %s with publishes unsent", self.url)
+                        scope.cancel()
+                if scope.cancelled_caught:
+                    log.warning("closing %s with publishes unsent", self.url)
             self._closed = True
             for waiter in self._waiters.values():
                 waiter.error = ConnectionClosed("the connection is closed")
@@ -436,6 +438,15 @@ async def connect(
     shown = ", ".join(redact(u) for u in urls)
     if not connect_timeout > 0:
         raise ConfigurationError(f"connect_timeout must be > 0, got {connect_timeout!r}")
+    with single_error():
+        async with _open_connection(urls, shown, connect_timeout, name, options) as conn:
+            yield conn
+
+
+@asynccontextmanager
+async def _open_connection(
+    urls: list[str], shown: str, connect_timeout: float, name: str | None, options: dict[str, Any]
+) -> AsyncIterator[Connection]:
     async with trio_asyncio.open_loop() as loop:
         state: dict[str, Any] = {"connected": False, "last_error": None, "conn": None}
 
@@ -474,7 +485,7 @@ async def connect(
                 )
             except nats.errors.AuthorizationError as exc:
                 raise ConnectError(f"could not connect to {shown}: authorization failed") from exc
-            except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
                 raise ConnectError(
                     f"could not connect to {shown}: {redact(str(exc)) or type(exc).__name__}"
                 ) from None
@@ -483,7 +494,9 @@ async def connect(
             reason = f": {redact(str(last)) or type(last).__name__}" if last else ""
             raise ConnectError(f"could not connect to {shown} within {connect_timeout} s{reason}")
         state["connected"] = True
-        conn = Connection(nc, loop, redact(str(nc.connected_url.geturl())) if nc.connected_url else shown)
+        conn = Connection(
+            nc, loop, redact(str(nc.connected_url.geturl())) if nc.connected_url else shown
+        )
         state["conn"] = conn
         drainer = loop.create_task(conn._drain_outbox())
         try:

@@ -31,7 +31,9 @@ def _deadline(value: float | timedelta | datetime | None) -> float | None:
         return value.timestamp()
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-        raise ConfigurationError(f"deadline must be > 0 seconds from now, a timedelta or a datetime, got {value!r}")
+        raise ConfigurationError(
+            f"deadline must be > 0 seconds from now, a timedelta or a datetime, got {value!r}"
+        )
     return time.time() + float(seconds)
 
 
@@ -67,20 +69,19 @@ class TaskHandle:
         return f"<TaskHandle {self.task_type} {self.run_id}/{self.step_id}>"
 
     @overload
-    async def result(self, output_type: None = None, *, timeout: float | None = None) -> bytes: ...
+    async def result(self, output_type: None = None) -> bytes: ...
 
     @overload
-    async def result(self, output_type: type[T], *, timeout: float | None = None) -> T: ...
+    async def result(self, output_type: type[T]) -> T: ...
 
-    async def result(self, output_type: Any = None, *, timeout: float | None = None) -> Any:
+    async def result(self, output_type: Any = None) -> Any:
         """Wait for the task's outcome and return its output.
 
         With ``output_type`` the output is decoded into it (JSON via cattrs); without,
         the raw bytes are returned. Raises :class:`TaskFailed` when the task was
-        dead-lettered, and ``trio.TooSlowError`` after ``timeout`` seconds.
+        dead-lettered. It waits as long as it takes: bound it with ``trio.fail_after``.
         """
-        with trio.fail_after(timeout) if timeout is not None else _forever():
-            message = await self._outcome()
+        message = await self._outcome()
         return _read_outcome(self, message, output_type)
 
     async def _outcome(self) -> Message:
@@ -109,14 +110,6 @@ class TaskHandle:
         raise trio.EndOfChannel("event subscription ended")  # pragma: no cover
 
 
-class _forever:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
 def _read_outcome(handle: TaskHandle, message: Message, output_type: Any) -> Any:
     outcome = message.header(wire.H_OUTCOME) or message.subject.rsplit(".", 1)[-1]
     if outcome == wire.DEAD:
@@ -132,7 +125,9 @@ class Client:
     events stream, in case the worker's direct reply was lost.
     """
 
-    def __init__(self, nc: Connection, *, timeout: float = 5.0, check_interval: float = 5.0) -> None:
+    def __init__(
+        self, nc: Connection, *, timeout: float = 5.0, check_interval: float = 5.0
+    ) -> None:
         self.nc = nc
         self.js = JetStream(nc, timeout=timeout)
         self.check_interval = check_interval
@@ -170,7 +165,9 @@ class Client:
         message_headers: dict[str, str] = {}
         for key, value in (headers or {}).items():
             if not isinstance(key, str) or not isinstance(value, str) or not key or ":" in key:
-                raise ConfigurationError(f"headers must map names to strings, got {key!r}: {value!r}")
+                raise ConfigurationError(
+                    f"headers must map names to strings, got {key!r}: {value!r}"
+                )
             message_headers[key] = value
         try:
             payload = encode(input)
@@ -211,13 +208,16 @@ class Client:
         found: list[tuple[int, Message]] = []
         for kind in (wire.COMPLETED, wire.DEAD):
             msg = await self.js.last_message(
-                wire.EVENT_STREAM, wire.event_subject(handle.task_type, handle.run_id, handle.step_id, kind)
+                wire.EVENT_STREAM,
+                wire.event_subject(handle.task_type, handle.run_id, handle.step_id, kind),
             )
             if msg is not None:
                 found.append((int(msg.header("Nats-Sequence") or 0), msg))
         return max(found, key=lambda item: item[0])[1] if found else None
 
-    async def dead_letters(self, task_type: str | None = None, *, limit: int = 100) -> list[DeadLetter]:
+    async def dead_letters(
+        self, task_type: str | None = None, *, limit: int = 100
+    ) -> list[DeadLetter]:
         """The most recent dead-letter entries (oldest first), optionally of one task type."""
         if task_type is not None:
             wire.check_name("task type", task_type)

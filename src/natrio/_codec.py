@@ -54,9 +54,11 @@ def decode(data: bytes, type_: Any) -> Any:
     except RecursionError:
         raise DecodeError(f"cannot decode {name}: payload nests too deeply") from None
     except Exception as exc:
-        details = "; ".join(cattrs.transform_error(exc, path="$")) if isinstance(
-            exc, cattrs.BaseValidationError
-        ) else f"{type(exc).__name__}: {exc}"
+        details = (
+            "; ".join(cattrs.transform_error(exc, path="$"))
+            if isinstance(exc, cattrs.BaseValidationError)
+            else f"{type(exc).__name__}: {exc}"
+        )
         raise DecodeError(f"cannot decode {name}: {details}") from None
 
 

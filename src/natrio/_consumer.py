@@ -93,7 +93,9 @@ class PullConsumer:
         self.requested += free
         self.pulls += 1
         self._last_activity = trio.current_time()
-        self.conn.publish_nowait(self._pull_subject, json.dumps(body).encode(), reply=self._inbox.subject)
+        self.conn.publish_nowait(
+            self._pull_subject, json.dumps(body).encode(), reply=self._inbox.subject
+        )
 
     def _reset(self) -> None:
         # Outstanding pulls are lost (reconnect, leadership change, silence): ask afresh.
@@ -169,7 +171,9 @@ class PullConsumer:
             if scope.cancelled_caught:
                 self._last_activity = trio.current_time()
                 if self.requested > 0:
-                    log.debug("consumer %s: no heartbeat for %.1f s, pulling again", self.name, silence)
+                    log.debug(
+                        "consumer %s: no heartbeat for %.1f s, pulling again", self.name, silence
+                    )
                     self._reset()
                 continue
             self._handle(msg)

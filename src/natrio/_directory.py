@@ -14,7 +14,6 @@ from . import _wire as wire
 from ._bridge import Connection
 from ._errors import JetStreamError, NatrioError
 from ._jetstream import STREAM_NOT_FOUND, JetStream, KeyValue
-from ._outcomes import now_iso
 
 log = logging.getLogger("natrio.directory")
 
@@ -106,4 +105,3 @@ class Registration:
     async def deregister(self) -> None:
         """Delete the entry."""
         await self.kv.delete(self.key)
-

@@ -59,7 +59,9 @@ def read_task(msg: Message) -> Task:
     """Parse a delivered message into a Task, or raise MalformedTask saying why."""
     parsed = wire.parse_task_subject(msg.subject)
     if parsed is None:
-        raise MalformedTask(f"subject {msg.subject!r} is not natrio.task.<type>.<group>.<run>.<step>")
+        raise MalformedTask(
+            f"subject {msg.subject!r} is not natrio.task.<type>.<group>.<run>.<step>"
+        )
     try:
         attempt, seq = wire.parse_ack_subject(msg.reply)
     except ValueError as exc:
@@ -76,7 +78,9 @@ def read_task(msg: Message) -> Task:
         try:
             deadline = float(headers[wire.H_DEADLINE])
         except ValueError:
-            raise MalformedTask(f"bad {wire.H_DEADLINE} header {headers[wire.H_DEADLINE]!r}") from None
+            raise MalformedTask(
+                f"bad {wire.H_DEADLINE} header {headers[wire.H_DEADLINE]!r}"
+            ) from None
         if not math.isfinite(deadline):
             raise MalformedTask(f"bad {wire.H_DEADLINE} header {headers[wire.H_DEADLINE]!r}")
     return Task(
@@ -212,7 +216,13 @@ class Dispatcher:
             return
         route = delivery.route
         policy = task.retry or route.retry or self.default_retry
-        ctx = TaskContext(task, _Finish(self, delivery), worker_id=self.reporter.worker_id, policy=policy, logger=self.logger)
+        ctx = TaskContext(
+            task,
+            _Finish(self, delivery),
+            worker_id=self.reporter.worker_id,
+            policy=policy,
+            logger=self.logger,
+        )
         if policy.maximum_attempts and task.attempt > policy.maximum_attempts:
             # Delivered again after its last attempt ended without an outcome (a crash).
             error = TaskError(
@@ -224,7 +234,16 @@ class Dispatcher:
             await self._dead(delivery, ctx, error)
             return
         if task.deadline is not None and time.time() >= task.deadline:
-            await self._dead(delivery, ctx, TaskError("DeadlineExceeded", "the task's deadline passed before it ran", kind="deadline", attempts=task.attempt))
+            await self._dead(
+                delivery,
+                ctx,
+                TaskError(
+                    "DeadlineExceeded",
+                    "the task's deadline passed before it ran",
+                    kind="deadline",
+                    attempts=task.attempt,
+                ),
+            )
             return
         if task.attempt > 1:
             with trio.CancelScope(shield=True):
@@ -252,7 +271,16 @@ class Dispatcher:
         if delivery.cancelled_by_shutdown:
             self.reporter.nak(msg)
         else:
-            await self._dead(delivery, ctx, TaskError("DeadlineExceeded", "the task's deadline passed while it ran", kind="deadline", attempts=task.attempt))
+            await self._dead(
+                delivery,
+                ctx,
+                TaskError(
+                    "DeadlineExceeded",
+                    "the task's deadline passed while it ran",
+                    kind="deadline",
+                    attempts=task.attempt,
+                ),
+            )
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -282,7 +310,11 @@ class Dispatcher:
         delay: float | None,
     ) -> None:
         task, policy = ctx.task, ctx.policy
-        cause = exc.reason if isinstance(exc, Fatal | Retryable) and isinstance(exc.reason, BaseException) else exc
+        cause = (
+            exc.reason
+            if isinstance(exc, Fatal | Retryable) and isinstance(exc.reason, BaseException)
+            else exc
+        )
         if isinstance(cause, DecodeError):
             kind = "decode"
         elif permanent or not policy.retryable(exc):
@@ -295,14 +327,26 @@ class Dispatcher:
         self.failed += 1
         if kind != "error":
             ctx.logger.warning(
-                "task dead (%s) after attempt %d: %s: %s", kind, task.attempt, error.type, error.message
+                "task dead (%s) after attempt %d: %s: %s",
+                kind,
+                task.attempt,
+                error.type,
+                error.message,
             )
             await self._dead(delivery, ctx, error)
             return
         if delay is None:
-            delay = exc.delay if isinstance(exc, Retryable) and exc.delay is not None else policy.delay(task.attempt)
+            delay = (
+                exc.delay
+                if isinstance(exc, Retryable) and exc.delay is not None
+                else policy.delay(task.attempt)
+            )
         ctx.logger.info(
-            "attempt %d failed (%s: %s); retrying in %.3f s", task.attempt, error.type, error.message, delay
+            "attempt %d failed (%s: %s); retrying in %.3f s",
+            task.attempt,
+            error.type,
+            error.message,
+            delay,
         )
         self.reporter.failed(task, delivery.msg, error, delay)
         self.retried += 1
@@ -327,7 +371,11 @@ class Dispatcher:
             with trio.move_on_after(grace):
                 await self._all_done.wait()
         if self._running:
-            self.logger.warning("cancelling %d handler(s) still running after %.1f s grace", len(self._running), grace)
+            self.logger.warning(
+                "cancelling %d handler(s) still running after %.1f s grace",
+                len(self._running),
+                grace,
+            )
             for delivery in list(self._running):
                 delivery.cancelled_by_shutdown = True
                 if delivery.scope is not None:

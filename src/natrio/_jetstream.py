@@ -6,8 +6,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import trio
+
 from ._bridge import Connection, Message
-from ._errors import JetStreamError, NatrioError, NoResponders
+from ._errors import JetStreamError, NatrioError, NoResponders, RequestTimeout
 
 API = "$JS.API"
 
@@ -29,7 +31,7 @@ class JetStream:
         """Call ``$JS.API.<subject>`` and return the JSON reply; JetStreamError on an error reply."""
         payload = json.dumps(body).encode() if body is not None else b""
         try:
-            msg = await self.conn.request(f"{API}.{subject}", payload, timeout=self.timeout)
+            msg = await self._request(f"{API}.{subject}", payload)
         except NoResponders:
             raise NatrioError(
                 "JetStream is not enabled on this server (no responders on $JS.API); "
@@ -39,9 +41,18 @@ class JetStream:
         error = reply.get("error")
         if error:
             raise JetStreamError(
-                int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description", ""))
+                int(error.get("code", 0)),
+                int(error.get("err_code", 0)),
+                str(error.get("description", "")),
             )
         return reply
+
+    async def _request(
+        self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
+    ) -> Message:
+        with trio.move_on_after(self.timeout):
+            return await self.conn.request(subject, payload, headers=headers)
+        raise RequestTimeout(f"no reply to a request on {subject} within {self.timeout} s")
 
     async def publish(
         self,
@@ -49,7 +60,6 @@ class JetStream:
         payload: bytes,
         *,
         headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Publish into a stream and wait for the stream's acknowledgement (its ``PubAck``).
 
@@ -57,18 +67,16 @@ class JetStream:
         matched an earlier message inside the duplicate window).
         """
         try:
-            msg = await self.conn.request(
-                subject, payload, headers=headers, timeout=timeout or self.timeout
-            )
+            msg = await self._request(subject, payload, headers)
         except NoResponders:
-            raise NatrioError(
-                f"no stream holds {subject}: run natrio.provision() first"
-            ) from None
+            raise NatrioError(f"no stream holds {subject}: run natrio.provision() first") from None
         reply: dict[str, Any] = json.loads(msg.data)
         error = reply.get("error")
         if error:
             raise JetStreamError(
-                int(error.get("code", 0)), int(error.get("err_code", 0)), str(error.get("description", ""))
+                int(error.get("code", 0)),
+                int(error.get("err_code", 0)),
+                str(error.get("description", "")),
             )
         return reply
 
@@ -109,12 +117,14 @@ class JetStream:
     async def last_message(self, stream: str, subject: str) -> Message | None:
         """The last message stored on ``subject`` (a direct get), or None when there is none."""
         body = json.dumps({"last_by_subj": subject}).encode()
-        msg = await self.conn.request(f"{API}.DIRECT.GET.{stream}", body, timeout=self.timeout)
+        msg = await self._request(f"{API}.DIRECT.GET.{stream}", body)
         status = msg.status
         if status == "404":
             return None
         if status is not None and status != "200":
-            raise JetStreamError(int(status), 0, msg.header("Description", "") or "direct get failed")
+            raise JetStreamError(
+                int(status), 0, msg.header("Description", "") or "direct get failed"
+            )
         return msg
 
 

@@ -208,12 +208,16 @@ class Reporter:
         headers = self._headers(
             task,
             **{
-                wire.H_MSG_ID: wire.outcome_msg_id("c", task.task_type, task.run_id, task.step_id, task.seq),
+                wire.H_MSG_ID: wire.outcome_msg_id(
+                    "c", task.task_type, task.run_id, task.step_id, task.seq
+                ),
                 wire.H_OUTCOME: wire.COMPLETED,
             },
         )
         await self._publish_durably(
-            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED), output, headers
+            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED),
+            output,
+            headers,
         )
         if task.reply:
             self.conn.publish_nowait(task.reply, output, headers=headers)
@@ -250,12 +254,16 @@ class Reporter:
         headers = self._headers(
             task,
             **{
-                wire.H_MSG_ID: wire.outcome_msg_id("d", task.task_type, task.run_id, task.step_id, task.seq),
+                wire.H_MSG_ID: wire.outcome_msg_id(
+                    "d", task.task_type, task.run_id, task.step_id, task.seq
+                ),
                 wire.H_OUTCOME: wire.DEAD,
             },
         )
         await self._publish_durably(
-            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.DEAD), payload, headers
+            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.DEAD),
+            payload,
+            headers,
         )
         if task.reply:
             self.conn.publish_nowait(task.reply, payload, headers=headers)
@@ -307,7 +315,9 @@ class Reporter:
             return False
         if task.reply:
             self.conn.publish_nowait(
-                task.reply, last.data, headers={wire.H_OUTCOME: wire.COMPLETED, wire.H_TASK_SEQ: str(task.seq)}
+                task.reply,
+                last.data,
+                headers={wire.H_OUTCOME: wire.COMPLETED, wire.H_TASK_SEQ: str(task.seq)},
             )
         self.ack(msg)
         return True

@@ -14,7 +14,9 @@ _NS = 1_000_000_000
 
 def _seconds(name: str, value: float, *, allow_zero: bool = True) -> int:
     if not (value > 0 or (allow_zero and value == 0)):
-        raise ConfigurationError(f"provision: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise ConfigurationError(
+            f"provision: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
     return int(value * _NS)
 
 

@@ -93,7 +93,9 @@ class RetryPolicy:
 
     def to_json(self) -> str:
         """The policy as sent with a task."""
-        return json.dumps(attrs.asdict(self, recurse=False) | {"non_retryable": list(self.non_retryable)})
+        return json.dumps(
+            attrs.asdict(self, recurse=False) | {"non_retryable": list(self.non_retryable)}
+        )
 
     @classmethod
     def from_json(cls, text: str) -> RetryPolicy:

@@ -10,8 +10,8 @@ import secrets
 import signal
 import socket
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar, overload
 
 import attrs
@@ -28,6 +28,7 @@ from ._errors import ConfigurationError, Fatal, NatrioError
 from ._jetstream import JetStream
 from ._outcomes import Reporter, now_iso
 from ._retry import RetryPolicy
+from ._util import single_error
 from ._version import __version__
 
 log = logging.getLogger("natrio.worker")
@@ -35,17 +36,6 @@ log = logging.getLogger("natrio.worker")
 _NS = 1_000_000_000
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
-
-
-@contextmanager
-def _single_error() -> Iterator[None]:
-    # A nursery wraps even one failure in an ExceptionGroup; callers get the failure itself.
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
-            raise group.exceptions[0] from None
-        raise
 
 
 def _positive(name: str) -> Callable[[Any, Any, float], None]:
@@ -113,7 +103,9 @@ class Worker:
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1):
+        if prefetch is not None and (
+            isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1
+        ):
             raise ConfigurationError(f"prefetch must be an int >= 1, got {prefetch!r}")
         group_list = [wire.DEFAULT_GROUP] if groups is None else list(groups)
         if isinstance(groups, str):
@@ -125,7 +117,11 @@ class Worker:
         if len(set(group_list)) != len(group_list):
             raise ConfigurationError(f"groups has duplicates: {group_list!r}")
         _positive("ack_wait")(None, None, ack_wait)
-        if isinstance(shutdown_grace, bool) or not isinstance(shutdown_grace, int | float) or shutdown_grace < 0:
+        if (
+            isinstance(shutdown_grace, bool)
+            or not isinstance(shutdown_grace, int | float)
+            or shutdown_grace < 0
+        ):
             raise ConfigurationError(f"shutdown_grace must be >= 0, got {shutdown_grace!r}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
@@ -171,7 +167,9 @@ class Worker:
 
     # -- registration -----------------------------------------------------------------
 
-    def _register(self, task_type: str, handler: Handler, ack_wait: float | None, retry: RetryPolicy | None) -> None:
+    def _register(
+        self, task_type: str, handler: Handler, ack_wait: float | None, retry: RetryPolicy | None
+    ) -> None:
         wire.check_name("task type", task_type)
         if self._running:
             raise ConfigurationError("register handlers before the worker starts")
@@ -190,12 +188,22 @@ class Worker:
 
     @overload
     def handle(
-        self, task_type: str, fn: None = None, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+        self,
+        task_type: str,
+        fn: None = None,
+        *,
+        ack_wait: float | None = None,
+        retry: RetryPolicy | None = None,
     ) -> Callable[[H], H]: ...
 
     @overload
     def handle(
-        self, task_type: str, fn: H, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+        self,
+        task_type: str,
+        fn: H,
+        *,
+        ack_wait: float | None = None,
+        retry: RetryPolicy | None = None,
     ) -> H: ...
 
     def handle(
@@ -222,12 +230,22 @@ class Worker:
 
     @overload
     def handle_typed(
-        self, task_type: str, fn: None = None, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+        self,
+        task_type: str,
+        fn: None = None,
+        *,
+        ack_wait: float | None = None,
+        retry: RetryPolicy | None = None,
     ) -> Callable[[H], H]: ...
 
     @overload
     def handle_typed(
-        self, task_type: str, fn: H, *, ack_wait: float | None = None, retry: RetryPolicy | None = None
+        self,
+        task_type: str,
+        fn: H,
+        *,
+        ack_wait: float | None = None,
+        retry: RetryPolicy | None = None,
     ) -> H: ...
 
     def handle_typed(
@@ -336,7 +354,7 @@ class Worker:
                 consumers.append(consumer)
         self._consumers = consumers
         try:
-            with _single_error():
+            with single_error():
                 async with trio.open_nursery() as nursery:
                     await nursery.start(dispatcher.run)
                     for consumer in consumers:
@@ -371,11 +389,8 @@ class Worker:
                 await registration.deregister()
             except NatrioError as exc:
                 log.warning("could not delete directory entry: %r", exc)
-        with trio.move_on_after(0.2):
-            try:
-                await self.nc.flush(0.2)
-            except NatrioError:
-                pass
+        with trio.move_on_after(0.2), suppress(NatrioError):
+            await self.nc.flush()
 
     def stop(self, grace: float | None = None) -> None:
         """Ask the running worker to stop; ``run()`` returns within ``grace`` + 1 s.
@@ -409,7 +424,9 @@ def _input_type(task_type: str, fn: Callable[..., Any]) -> Any:
     try:
         hints = typing.get_type_hints(fn)
     except Exception as exc:
-        raise ConfigurationError(f"cannot read the annotations of the {task_type!r} handler: {exc}") from None
+        raise ConfigurationError(
+            f"cannot read the annotations of the {task_type!r} handler: {exc}"
+        ) from None
     params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
     if len(params) != 2:
         raise ConfigurationError(
@@ -421,7 +438,9 @@ def _input_type(task_type: str, fn: Callable[..., Any]) -> Any:
             f"annotate the second parameter of the {task_type!r} handler with its input type"
         )
     if "return" not in hints:
-        raise ConfigurationError(f"annotate the return type of the {task_type!r} handler (None is fine)")
+        raise ConfigurationError(
+            f"annotate the return type of the {task_type!r} handler (None is fine)"
+        )
     return input_type
 
 
@@ -431,7 +450,7 @@ async def open_worker(worker: Worker, *, grace: float | None = None) -> AsyncIte
 
     The worker is pulling and registered when the body starts.
     """
-    with _single_error():
+    with single_error():
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.run)
             try:
