@@ -459,10 +459,16 @@ async def open_worker(worker: Worker, *, grace: float | None = None) -> AsyncIte
                 worker.stop(grace)
 
 
-async def run_worker(worker: Worker, *, grace: float | None = None) -> None:
-    """Run ``worker`` until SIGINT or SIGTERM, then stop it gracefully.
+async def run_worker(
+    worker: Worker,
+    *,
+    grace: float | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``worker`` until SIGINT or SIGTERM, then stop it gracefully (``grace`` seconds).
 
-    Must be called from the main thread.
+    Works with ``nursery.start``: started once the worker is serving. Must be called
+    from the main thread.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -473,5 +479,5 @@ async def run_worker(worker: Worker, *, grace: float | None = None) -> None:
                     worker.stop(grace)
 
             nursery.start_soon(on_signals)
-            await worker.run()
+            await worker.run(task_status=task_status)
             nursery.cancel_scope.cancel()

@@ -1,0 +1,592 @@
+"""The ``natrio`` command line: a development server, a worker runner, task submission and
+the worker directory.
+
+Built only on natrio's public API, so it is also an example of using it from Trio: each
+command that talks to NATS runs its async body with :func:`trio.run`. Errors natrio raises
+become a one-line message on stderr and exit status 1 (2 for configuration and usage
+errors) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
+
+import click
+import trio
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
+
+import natrio
+
+__all__ = ["WorkerFactory", "cli", "load_worker_factory", "main", "make_worker"]
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+URL_ENV_VAR = "NATRIO_URL"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: What ``natrio worker MODULE:ATTRIBUTE`` expects ``ATTRIBUTE`` to be.
+WorkerFactory = Callable[[natrio.Connection], natrio.Worker | Awaitable[natrio.Worker]]
+
+_FACTORY_CONTRACT = (
+    "it must be a function taking a natrio.Connection and returning a natrio.Worker "
+    "(or an async function returning one)"
+)
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def _console(*, stderr: bool = False) -> Console:
+    # Made per call, not at import, so it writes to whatever sys.stdout/sys.stderr are now
+    # (CliRunner swaps them). Off a terminal the width is generous: rich would otherwise
+    # wrap or truncate at 80 columns, breaking long worker ids for grep and scripts.
+    console = Console(stderr=stderr, soft_wrap=True, highlight=False)
+    if not console.is_terminal:
+        console.width = 400
+    return console
+
+
+def _say(message: str, style: str = "") -> None:
+    """Chatter for humans goes to stderr, leaving stdout to what scripts read."""
+    _console(stderr=True).print(Text(message, style=style))
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    _console(stderr=True).print(Text(f"Error: {message}", style="bold red"))
+    raise click.exceptions.Exit(code)
+
+
+class _CommandError(Exception):
+    """A failure a command reports itself (not one of natrio's), with its exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _single(exc: BaseException) -> BaseException:
+    # Nurseries wrap even a lone failure in an ExceptionGroup; report the failure itself.
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    """Turn natrio's errors into a message and an exit status instead of a traceback."""
+    try:
+        yield
+    except (natrio.NatrioError, _CommandError, KeyboardInterrupt, BaseExceptionGroup) as raised:
+        exc = _single(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            raise click.exceptions.Exit(130) from None
+        if isinstance(exc, _CommandError):
+            _fail(str(exc), exc.code)
+        if isinstance(exc, natrio.ConfigurationError):
+            _fail(str(exc), 2)
+        if isinstance(exc, natrio.JetStreamError) and exc.err_code == _STREAM_NOT_FOUND:
+            _fail(f"{exc} (is the server provisioned? run `natrio provision`)", 1)
+        if isinstance(exc, natrio.NatrioError):
+            _fail(str(exc) or type(exc).__name__, 1)
+        raise
+
+
+# JetStream's "stream not found" error number (documented on natrio.JetStreamError).
+_STREAM_NOT_FOUND = 10059
+
+
+def _run(async_fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run one command's async body under Trio, reporting natrio's errors.
+
+    Log records below ERROR are dropped unless logging is already set up (``natrio
+    worker`` sets it up): a one-shot command's failure is its final message, and the
+    connection's retry warnings before it would only repeat it.
+    """
+    with _reported_errors(), _logging_to_stderr("error", only_if_unset=True):
+        return trio.run(functools.partial(async_fn, *args, **kwargs))
+
+
+# -- shared options -----------------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _connection_options(command: F) -> F:
+    """``--url`` and ``--connect-timeout``, for every command that talks to NATS."""
+    command = click.option(
+        "--connect-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=5.0,
+        show_default=True,
+        help="Seconds to wait for the first connection before giving up.",
+    )(command)
+    command = click.option(
+        "--url",
+        envvar=URL_ENV_VAR,
+        default=DEFAULT_URL,
+        show_default=True,
+        show_envvar=True,
+        help="NATS server URL (several may be given, comma-separated).",
+    )(command)
+    return command
+
+
+def _urls(url: str) -> list[str]:
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+# -- the group ----------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(natrio.__version__, prog_name="natrio")
+def cli() -> None:
+    """natrio: run Trio workers for NATS JetStream tasks, submit tasks, inspect workers.
+
+    Commands that talk to NATS take --url (default: $NATRIO_URL, else
+    nats://127.0.0.1:4222). Errors exit with status 1, usage and configuration
+    errors with status 2.
+    """
+
+
+def main() -> None:
+    """Entry point of the ``natrio`` console script and of ``python -m natrio``."""
+    cli(prog_name="natrio")
+
+
+# -- natrio server ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=4222,
+    show_default=True,
+    help="Client port on 127.0.0.1; 0 picks a free one (the URL printed says which).",
+)
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False, writable=True),
+    default=None,
+    help="JetStream storage directory (kept). Default: a temporary directory, removed on exit.",
+)
+@click.option(
+    "--provision/--no-provision",
+    default=True,
+    show_default=True,
+    help="Create natrio's streams and buckets once the server is up.",
+)
+def server(port: int, store_dir: str | None, provision: bool) -> None:
+    """Run a local nats-server with JetStream, for development.
+
+    Listens on 127.0.0.1 only. Once the server is ready (and provisioned, unless
+    --no-provision), its URL is printed on stdout as a line of its own, so scripts
+    can read it; everything else goes to stderr. Runs until SIGINT or SIGTERM, then
+    stops the server.
+    """
+    _run(_serve, port, store_dir, provision)
+
+
+async def _serve(port: int, store_dir: str | None, provision: bool) -> None:
+    # Opened first so that a signal arriving during start-up stops the server once it is
+    # up, instead of killing this process and orphaning nats-server.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with natrio.embedded_server(port=port, store_dir=store_dir) as srv:
+            if provision:
+                async with natrio.connect(srv.url, name="natrio server") as nc:
+                    await natrio.provision(nc)
+            _say(
+                f"nats-server {srv.pid} listening on {srv.url} "
+                f"(JetStream store {srv.store_dir}"
+                f"{'' if provision else ', not provisioned'}); Ctrl-C to stop",
+                "green",
+            )
+            click.echo(srv.url)
+            async for signum in signals:
+                _say(f"received {signal.Signals(signum).name}; stopping nats-server")
+                break
+    _say("nats-server stopped")
+
+
+# -- natrio provision ---------------------------------------------------------------------
+
+
+@cli.command()
+@_connection_options
+def provision(url: str, connect_timeout: float) -> None:
+    """Create or update natrio's streams and KV buckets on a server (idempotent).
+
+    Needed once per server before workers and clients use it; `natrio server` does it
+    for you.
+    """
+    _run(_provision, url, connect_timeout)
+
+
+async def _provision(url: str, connect_timeout: float) -> None:
+    async with natrio.connect(
+        _urls(url), connect_timeout=connect_timeout, name="natrio provision"
+    ) as nc:
+        await natrio.provision(nc)
+    _say(f"provisioned {url}", "green")
+
+
+# -- natrio worker ------------------------------------------------------------------------
+
+
+def load_worker_factory(spec: str, app_dir: str | None = None) -> WorkerFactory:
+    """Import ``MODULE:ATTRIBUTE`` and return the worker factory it names.
+
+    ``app_dir`` (default: the current directory) is put first on ``sys.path``, so
+    modules next to where the command runs are found, as uvicorn does. ``ATTRIBUTE`` may
+    be dotted (``module:obj.factory``). Only checks that it is callable; what it returns
+    is checked by :func:`make_worker`.
+
+    Raises:
+        ConfigurationError: for a malformed spec, a module that cannot be imported (or
+            raises while importing), a missing attribute or one that is not callable.
+    """
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise natrio.ConfigurationError(
+            f"{spec!r} is not MODULE:ATTRIBUTE (for example myapp.tasks:make_worker)"
+        )
+    directory = os.path.abspath(app_dir if app_dir is not None else os.curdir)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only a missing module named by the spec is the spec's fault; a missing import
+        # inside the user's module is a bug there, reported with its location.
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise natrio.ConfigurationError(
+                f"could not import module {module_name!r}: {exc} (looked in {directory} and sys.path)"
+            ) from None
+        raise natrio.ConfigurationError(_import_failure(module_name, exc)) from None
+    except Exception as exc:
+        raise natrio.ConfigurationError(_import_failure(module_name, exc)) from None
+    target: object = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise natrio.ConfigurationError(
+                f"module {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    if isinstance(target, natrio.Worker) or not callable(target):
+        raise natrio.ConfigurationError(
+            f"{spec} is not a worker factory (it is {type(target).__name__} {target!r}): "
+            f"{_FACTORY_CONTRACT}"
+        )
+    return cast(WorkerFactory, target)
+
+
+def _import_failure(module_name: str, exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"error while importing {module_name!r}: {type(exc).__name__}: {exc}{where}"
+
+
+async def make_worker(
+    factory: WorkerFactory, nc: natrio.Connection, spec: str = ""
+) -> natrio.Worker:
+    """Call a worker factory with ``nc`` (awaiting it if it is async) and check the result.
+
+    Raises:
+        ConfigurationError: if it does not produce a :class:`natrio.Worker`.
+    """
+    name = spec or getattr(factory, "__qualname__", repr(factory))
+    produced: object = factory(nc)
+    if inspect.isawaitable(produced):
+        produced = await produced
+    if not isinstance(produced, natrio.Worker):
+        raise natrio.ConfigurationError(
+            f"{name} returned {type(produced).__name__}, not a natrio.Worker: {_FACTORY_CONTRACT}"
+        )
+    return produced
+
+
+@cli.command()
+@click.argument("spec", metavar="MODULE:ATTRIBUTE")
+@_connection_options
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds running tasks get to finish on SIGINT/SIGTERM. "
+    "Default: the worker's shutdown_grace.",
+)
+@click.option(
+    "--app-dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Directory put first on sys.path to import MODULE from. Default: the current directory.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Level of the log written to stderr.",
+)
+def worker(
+    spec: str,
+    url: str,
+    connect_timeout: float,
+    grace: float | None,
+    app_dir: str | None,
+    log_level: str,
+) -> None:
+    """Run a worker until SIGINT or SIGTERM.
+
+    MODULE:ATTRIBUTE names a worker factory: a function taking a natrio.Connection
+    and returning a natrio.Worker with its handlers registered (it may be async).
+    The command imports MODULE (the current directory comes first on sys.path),
+    connects, calls the factory and runs the worker. For example, in myapp.py:
+
+    \b
+        def make_worker(nc: natrio.Connection) -> natrio.Worker:
+            worker = natrio.Worker(nc, concurrency=8)
+            @worker.handle("echo")
+            async def echo(ctx: natrio.TaskContext) -> bytes:
+                return ctx.input
+            return worker
+
+    then `natrio worker myapp:make_worker`. The worker id is printed to stderr once
+    the worker is pulling tasks and registered. On SIGINT or SIGTERM it stops taking
+    tasks, gives running ones --grace seconds, and exits with status 0.
+    """
+    with _reported_errors():
+        factory = load_worker_factory(spec, app_dir)
+    with _logging_to_stderr(log_level):
+        _run(_work, spec, factory, _urls(url), connect_timeout, grace)
+
+
+@contextmanager
+def _logging_to_stderr(level: str, *, only_if_unset: bool = False) -> Iterator[None]:
+    """Send log records to stderr for the duration; undone after, for in-process callers."""
+    root = logging.getLogger()
+    if only_if_unset and root.handlers:
+        yield
+        return
+    console = _console(stderr=True)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        # RichHandler pads every line to the console width: plain lines suit files and pipes.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+async def _work(
+    spec: str, factory: WorkerFactory, urls: list[str], connect_timeout: float, grace: float | None
+) -> None:
+    # Until run_worker installs its own handlers, a signal means "give up": there is
+    # nothing to drain yet, and waiting out a connect timeout would feel like a hang.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def give_up_on_signal() -> None:
+                async for signum in signals:
+                    _say(f"received {signal.Signals(signum).name} before the worker started")
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(give_up_on_signal)
+            async with natrio.connect(
+                urls, connect_timeout=connect_timeout, name=f"natrio worker {spec}"
+            ) as nc:
+                built = await make_worker(factory, nc, spec)
+                async with trio.open_nursery() as inner:
+                    await inner.start(functools.partial(natrio.run_worker, built, grace=grace))
+                    # Printed only now, so it means "pulling and registered" to whoever waits
+                    # for it (scripts, tests).
+                    _say(
+                        f"worker {built.worker_id} started: task types "
+                        f"{', '.join(built.task_types)}; groups {', '.join(built.groups)}; "
+                        f"connected to {nc.url}",
+                        "green",
+                    )
+            _say(f"worker {built.worker_id} stopped")
+            nursery.cancel_scope.cancel()
+
+
+# -- natrio submit ------------------------------------------------------------------------
+
+
+def _json_payload(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes:
+    if value is None:
+        return b""
+    if value == "-":
+        value = sys.stdin.read()
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
+    return value.encode("utf-8")
+
+
+@cli.command()
+@click.argument("task_type", metavar="TYPE")
+@click.argument("payload", metavar="[JSON]", required=False, callback=_json_payload)
+@_connection_options
+@click.option("--group", default=None, help="Worker group to send the task to. Default: default.")
+@click.option("--run-id", default=None, help="Run id. Default: a random one.")
+@click.option("--step-id", default=None, help="Step id. Default: the task type.")
+@click.option("--wait", is_flag=True, help="Wait for the task's outcome and print its output.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --wait: give up after this many seconds (exit status 1). Default: wait forever.",
+)
+def submit(
+    task_type: str,
+    payload: bytes,
+    url: str,
+    connect_timeout: float,
+    group: str | None,
+    run_id: str | None,
+    step_id: str | None,
+    wait: bool,
+    timeout: float | None,
+) -> None:
+    """Submit a task of type TYPE with a JSON payload.
+
+    JSON (default: an empty payload; `-` reads it from stdin) must be valid JSON and is
+    sent as its UTF-8 bytes, so typed handlers decode it. Prints a line
+    `RUN_ID STEP_ID SEQ` (SEQ is the task's sequence number in the task stream). With
+    --wait, then prints the task's output (as text if it is UTF-8, else as a bytes
+    literal); a task that ends dead-lettered prints its error and exits with status 1.
+    """
+    _run(
+        _submit,
+        _urls(url),
+        connect_timeout,
+        task_type,
+        payload,
+        group=group,
+        run_id=run_id,
+        step_id=step_id,
+        wait=wait,
+        wait_timeout=timeout,
+    )
+
+
+async def _submit(
+    urls: list[str],
+    connect_timeout: float,
+    task_type: str,
+    payload: bytes,
+    *,
+    group: str | None,
+    run_id: str | None,
+    step_id: str | None,
+    wait: bool,
+    wait_timeout: float | None,
+) -> None:
+    async with natrio.connect(urls, connect_timeout=connect_timeout, name="natrio submit") as nc:
+        client = natrio.Client(nc)
+        handle = await client.submit(
+            task_type, payload, run_id=run_id, step_id=step_id, group=group
+        )
+        click.echo(f"{handle.run_id} {handle.step_id} {handle.seq}")
+        if handle.duplicate:
+            _say(
+                "duplicate: this run id and step id were submitted within the duplicate "
+                "window, so no new task was queued",
+                "yellow",
+            )
+        if not wait:
+            return
+        output = None
+        with trio.move_on_after(math.inf if wait_timeout is None else wait_timeout):
+            output = await handle.result()
+        if output is None:
+            raise _CommandError(
+                f"no outcome for {task_type} {handle.run_id}/{handle.step_id} "
+                f"within {wait_timeout:g} s (the task stays queued)"
+            )
+    click.echo(_show_output(output))
+
+
+def _show_output(output: bytes) -> str:
+    try:
+        return output.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(output)
+
+
+# -- natrio workers -----------------------------------------------------------------------
+
+
+@cli.command()
+@_connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def workers(url: str, connect_timeout: float, as_json: bool) -> None:
+    """List the workers registered in the worker directory.
+
+    A worker that died without deregistering disappears once its entry's TTL passes.
+    """
+    found = _run(_workers, _urls(url), connect_timeout)
+    if as_json:
+        click.echo(json.dumps([json.loads(info.to_json()) for info in found], indent=2))
+        return
+    if not found:
+        _say("no workers registered")
+        return
+    table = Table(title=f"natrio workers ({len(found)})", title_justify="left")
+    table.add_column("worker id", no_wrap=True)
+    table.add_column("task types")
+    table.add_column("groups")
+    table.add_column("host")
+    table.add_column("pid", justify="right")
+    table.add_column("in flight", justify="right")
+    table.add_column("processed", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("last seen", no_wrap=True)
+    for info in found:
+        table.add_row(
+            Text(info.worker_id),
+            Text(", ".join(info.task_types)),
+            Text(", ".join(info.groups)),
+            Text(info.hostname),
+            str(info.pid),
+            str(info.in_flight),
+            str(info.processed),
+            Text(str(info.failed), style="red" if info.failed else ""),
+            Text(info.last_seen),
+        )
+    _console().print(table)
+
+
+async def _workers(urls: list[str], connect_timeout: float) -> list[natrio.WorkerInfo]:
+    async with natrio.connect(urls, connect_timeout=connect_timeout, name="natrio workers") as nc:
+        return await natrio.list_workers(nc)

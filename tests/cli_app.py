@@ -1,0 +1,67 @@
+"""Worker factories for the CLI tests: ``natrio worker tests.cli_app:make_worker``.
+
+Task types are prefixed ``cli-`` so they do not meet other tests' workers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import attrs
+import trio
+
+import natrio
+
+#: Not a factory: ``natrio worker tests.cli_app:NOT_CALLABLE`` must be refused.
+NOT_CALLABLE = 42
+
+
+@attrs.frozen
+class Pair:
+    """The input of ``cli-add``."""
+
+    a: int
+    b: int
+
+
+def make_worker(nc: natrio.Connection) -> natrio.Worker:
+    """The worker the CLI tests run in a subprocess."""
+    worker = natrio.Worker(nc, concurrency=4, shutdown_grace=10, name="cli-test")
+
+    @worker.handle("cli-echo")
+    async def echo(ctx: natrio.TaskContext) -> bytes:
+        return ctx.input
+
+    @worker.handle_typed("cli-add")
+    async def add(ctx: natrio.TaskContext, pair: Pair) -> dict[str, int]:
+        return {"sum": pair.a + pair.b}
+
+    @worker.handle("cli-binary")
+    async def binary(ctx: natrio.TaskContext) -> bytes:
+        return b"\xff\x00binary"
+
+    @worker.handle("cli-fail")
+    async def fail(ctx: natrio.TaskContext) -> None:
+        raise natrio.Fatal("refused on purpose")
+
+    return worker
+
+
+async def make_slow_worker(nc: natrio.Connection) -> natrio.Worker:
+    """An async factory (the CLI awaits it) for the shutdown test: one slow task type."""
+    worker = natrio.Worker(nc, shutdown_grace=10, name="cli-slow")
+
+    @worker.handle("cli-slow")
+    async def slow(ctx: natrio.TaskContext) -> bytes:
+        # The test waits for this line before it signals the worker, so the task is
+        # running when shutdown begins.
+        print(f"SLOW STARTED {ctx.run_id}", file=sys.stderr, flush=True)
+        await trio.sleep(1.0)
+        return b"slow done"
+
+    return worker
+
+
+def returns_string(nc: natrio.Connection) -> str:
+    """A broken factory: returns something other than a Worker."""
+    return "not a worker"
