@@ -14,7 +14,7 @@ def test_all_names_exist_and_have_docstrings() -> None:
 
 
 def test_no_private_module_leaks_into_all() -> None:
-    public = {name for name in dir(natrio) if not name.startswith("_")}
+    public = {n for n in dir(natrio) if n.isidentifier() and not n.startswith("_")}
     modules = {name for name in public if type(getattr(natrio, name)).__name__ == "module"}
     # Submodules imported as a side effect are not part of the surface, except the plugin.
     assert set(natrio.__all__) - {"__version__"} == public - modules

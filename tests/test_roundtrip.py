@@ -23,7 +23,9 @@ class Resized:
     url: str
 
 
-async def test_raw_round_trip(natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client) -> None:
+async def test_raw_round_trip(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
     worker = natrio_worker_factory()
     seen: list[natrio.TaskContext] = []
 
@@ -33,7 +35,9 @@ async def test_raw_round_trip(natrio_worker_factory: WorkerFactory, natrio_clien
         return ctx.input.upper()
 
     await natrio_worker_factory.start(worker)
-    handle = await natrio_client.submit("fetch", b"hello", run_id="r1", step_id="s1", headers={"X-Trace": "t"})
+    handle = await natrio_client.submit(
+        "fetch", b"hello", run_id="r1", step_id="s1", headers={"X-Trace": "t"}
+    )
     assert await handle.result() == b"HELLO"
     (ctx,) = seen
     assert (ctx.task_type, ctx.group, ctx.run_id, ctx.step_id) == ("fetch", "default", "r1", "s1")
@@ -42,7 +46,9 @@ async def test_raw_round_trip(natrio_worker_factory: WorkerFactory, natrio_clien
     assert ctx.worker_id == worker.worker_id
 
 
-async def test_typed_round_trip(natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client) -> None:
+async def test_typed_round_trip(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
     worker = natrio_worker_factory()
 
     @worker.handle_typed("resize")
@@ -56,7 +62,8 @@ async def test_typed_round_trip(natrio_worker_factory: WorkerFactory, natrio_cli
     await natrio_worker_factory.start(worker)
     handle = await natrio_client.submit("resize", Resize("a.png", 10))
     assert await handle.result(Resized) == Resized("a.png?w=10")
-    assert await (await natrio_client.submit("note", "hi")).result(type(None)) is None
+    output: object = await (await natrio_client.submit("note", "hi")).result(type(None))
+    assert output is None
 
 
 async def test_handler_may_call_complete_itself(
@@ -103,14 +110,18 @@ async def test_several_types_share_the_concurrency_bound(
     for task_type in ("a", "b", "c"):
         worker.handle(task_type, track)
     await natrio_worker_factory.start(worker)
-    handles = [await natrio_client.submit(t, run_id=f"r{i}") for i in range(8) for t in ("a", "b", "c")]
+    handles = [
+        await natrio_client.submit(t, run_id=f"r{i}") for i in range(8) for t in ("a", "b", "c")
+    ]
     results = [await h.result() for h in handles]
     assert results == [h.task_type.encode() for h in handles]
     assert peak == 3
 
 
 async def test_same_step_twice_is_one_task(
-    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client, natrio_connection: natrio.Connection
+    natrio_worker_factory: WorkerFactory,
+    natrio_client: natrio.Client,
+    natrio_connection: natrio.Connection,
 ) -> None:
     worker = natrio_worker_factory()
     runs = 0
@@ -133,7 +144,9 @@ async def test_same_step_twice_is_one_task(
 
 
 async def test_rebuilt_handle_in_another_connection(
-    natrio_server: natrio.EmbeddedServer, natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+    natrio_server: natrio.EmbeddedServer,
+    natrio_worker_factory: WorkerFactory,
+    natrio_client: natrio.Client,
 ) -> None:
     worker = natrio_worker_factory()
 
@@ -179,7 +192,9 @@ async def test_provision_is_idempotent(natrio_connection: natrio.Connection) -> 
     await natrio.provision(natrio_connection, worker_ttl=3.0, events_max_age=3600)
 
 
-async def test_open_worker(natrio_connection: natrio.Connection, natrio_client: natrio.Client) -> None:
+async def test_open_worker(
+    natrio_connection: natrio.Connection, natrio_client: natrio.Client
+) -> None:
     worker = natrio.Worker(natrio_connection)
 
     @worker.handle("ping")

@@ -16,12 +16,20 @@ from natrio.testing import WorkerFactory
 from .helpers import consumer_state, event_counts
 
 
-def holding_worker(nc: natrio.Connection, started: list[str], cancelled: list[str], **options: object) -> natrio.Worker:
+def holding_worker(
+    nc: natrio.Connection,
+    started: list[str],
+    cancelled: list[str],
+    two_started: trio.Event,
+    **options: object,
+) -> natrio.Worker:
     worker = natrio.Worker(nc, **options)  # type: ignore[arg-type]
 
     @worker.handle("hold")
     async def hold(ctx: natrio.TaskContext) -> bytes:
         started.append(ctx.run_id)
+        if len(started) == 2:
+            two_started.set()
         try:
             await trio.sleep_forever()
         except trio.Cancelled:
@@ -47,17 +55,21 @@ def finishing_worker(
 
 
 async def test_stop_is_bounded_and_unfinished_tasks_move_at_once(
-    natrio_connection: natrio.Connection, natrio_client: natrio.Client, natrio_worker_factory: WorkerFactory
+    natrio_connection: natrio.Connection,
+    natrio_client: natrio.Client,
+    natrio_worker_factory: WorkerFactory,
 ) -> None:
     started: list[str] = []
     cancelled: list[str] = []
-    worker = holding_worker(natrio_connection, started, cancelled, concurrency=2, prefetch=10)
+    two_started = trio.Event()
+    worker = holding_worker(
+        natrio_connection, started, cancelled, two_started, concurrency=2, prefetch=10
+    )
     handles = [await natrio_client.submit("hold", run_id=f"r{i}") for i in range(6)]
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
         with trio.fail_after(5):
-            while len(started) < 2:
-                await trio.sleep(0.01)
+            await two_started.wait()
         stop_at = trio.current_time()
         worker.stop(grace=0.5)
     stopped_in = trio.current_time() - stop_at
@@ -103,7 +115,9 @@ async def test_cancelling_the_enclosing_scope_gives_handlers_their_grace(
 
 
 async def test_long_handler_is_kept_alive(
-    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client, natrio_connection: natrio.Connection
+    natrio_worker_factory: WorkerFactory,
+    natrio_client: natrio.Client,
+    natrio_connection: natrio.Connection,
 ) -> None:
     worker = natrio_worker_factory()
     runs = 0
@@ -170,7 +184,9 @@ async def test_sigkilled_worker_task_completes_elsewhere_exactly_once(
     await natrio_worker_factory.start(finishing_worker(natrio_worker_factory, seen, ack_wait=1.0))
     assert await handle.result() == b"finished"
     assert [(run_id, attempt) for run_id, attempt, _ in seen] == [("victim", 2)]
-    assert await event_counts(natrio_connection, "completed") == {"natrio.event.hold.victim.hold.completed": 1}
+    assert await event_counts(natrio_connection, "completed") == {
+        "natrio.event.hold.victim.hold.completed": 1
+    }
     assert await consumer_state(natrio_connection, "hold") == {"ack_pending": 0, "pending": 0}
 
 
@@ -199,13 +215,16 @@ async def test_crash_between_completion_event_and_ack(
         process.send_signal(signal.SIGKILL)
         await process.wait()
     seen: list[tuple[str, int, float]] = []
+    acks = await natrio_connection.subscribe("$JS.ACK.NATRIO_TASKS.>")
     await natrio_worker_factory.start(finishing_worker(natrio_worker_factory, seen, ack_wait=1.0))
     assert await handle.result() == b"from the first run"
     with trio.fail_after(5):
-        while (await consumer_state(natrio_connection, "hold"))["ack_pending"]:
-            await trio.sleep(0.05)
+        assert (await acks.receive()).data == b"+ACK"
+    assert await consumer_state(natrio_connection, "hold") == {"ack_pending": 0, "pending": 0}
     assert seen == []  # recognised as done: not run again
-    assert await event_counts(natrio_connection, "completed") == {"natrio.event.hold.r.s.completed": 1}
+    assert await event_counts(natrio_connection, "completed") == {
+        "natrio.event.hold.r.s.completed": 1
+    }
 
 
 async def test_sigterm_exits_within_grace_and_hands_over(

@@ -455,7 +455,11 @@ async def _open_connection(
             if not state["connected"] and isinstance(exc, nats.errors.AuthorizationError):
                 # Wrong credentials will not get better by retrying: fail the first connect.
                 raise exc
-            log.warning("NATS connection to %s: %s", shown, redact(str(exc)) or type(exc).__name__)
+            if state["connected"]:
+                log.warning(
+                    "NATS connection to %s: %s", shown, redact(str(exc)) or type(exc).__name__
+                )
+            # Before the first connection the error ends up in ConnectError instead.
 
         async def disconnected_cb() -> None:
             if state["connected"]:

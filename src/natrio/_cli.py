@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import traceback
@@ -99,16 +100,27 @@ def _reported_errors() -> Iterator[None]:
         if isinstance(exc, _CommandError):
             _fail(str(exc), exc.code)
         if isinstance(exc, natrio.ConfigurationError):
-            _fail(str(exc), 2)
+            _fail(_headline(exc), 2)
         if isinstance(exc, natrio.JetStreamError) and exc.err_code == _STREAM_NOT_FOUND:
             _fail(f"{exc} (is the server provisioned? run `natrio provision`)", 1)
         if isinstance(exc, natrio.NatrioError):
-            _fail(str(exc) or type(exc).__name__, 1)
+            _fail(_headline(exc), 1)
         raise
 
 
+_LOG_PREFIX = re.compile(r"^\[\d+\] \S+ \S+ ")
 # JetStream's "stream not found" error number (documented on natrio.JetStreamError).
 _STREAM_NOT_FOUND = 10059
+
+
+def _headline(exc: BaseException) -> str:
+    """One line for an error whose message may run on (ServerError appends the server's log)."""
+    first, *rest = (str(exc) or type(exc).__name__).splitlines()
+    # nats-server's own fatal or error line says why better than anything else in the log.
+    reasons = [line for line in rest if "[FTL]" in line or "[ERR]" in line]
+    if reasons:
+        first = f"{first}: {_LOG_PREFIX.sub('', reasons[-1])}"
+    return first
 
 
 def _run(async_fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:

@@ -1,0 +1,49 @@
+"""Developer tasks: ``nox -s tests`` (the default), lint, typecheck, examples, docs, bench."""
+
+from __future__ import annotations
+
+import glob
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TEST_DEPS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite against real nats-server processes."""
+    session.install(".", *TEST_DEPS)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (with the ASYNC rules) and the formatter's check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "src", "tests", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "examples", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, the tests and the examples."""
+    session.install(".", "mypy>=1.10", "nox", *TEST_DEPS)
+    session.run("mypy")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run every example script; each starts an embedded server when no NATS is reachable."""
+    session.install(".")
+    for script in sorted(glob.glob("examples/*.py")):
+        session.run("python", script, env={"NATRIO_URL": "nats://127.0.0.1:1"})
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the docs with warnings as errors."""
+    session.install(".", "-r", "docs/requirements.txt")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
