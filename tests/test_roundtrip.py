@@ -204,3 +204,16 @@ async def test_open_worker(
     async with natrio.open_worker(worker, grace=1):
         assert await (await natrio_client.submit("ping")).result() == b"pong"
     assert not worker.statistics().running
+
+
+async def test_stop_before_run_returns_once_started(natrio_connection: natrio.Connection) -> None:
+    worker = natrio.Worker(natrio_connection)
+    worker.handle("x", _noop)
+    worker.stop(grace=0)
+    with trio.fail_after(5):
+        await worker.run()
+    assert await natrio.list_workers(natrio_connection) == []
+
+
+async def _noop(ctx: natrio.TaskContext) -> bytes:
+    return b""

@@ -229,6 +229,19 @@ class Connection:
     def _aio(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return trio_asyncio.aio_as_trio(fn, loop=self._loop)  # type: ignore[no-any-return]
 
+    def _check(self, subject: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
+        if self._closed:
+            raise ConnectionClosed("the connection is closed")
+        # The server's limit covers the header block too: "NATS/1.0\r\n", "k: v\r\n"..., "\r\n".
+        size = len(payload)
+        if headers:
+            size += 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if size > self._nc.max_payload:
+            raise PayloadTooLarge(
+                f"message of {size} bytes (payload and headers) exceeds the server's "
+                f"max_payload of {self._nc.max_payload} bytes (subject {subject})"
+            )
+
     def _enqueue(self, item: _Item) -> None:
         self._outbox.append(item)
         if self._drainer_idle:
@@ -249,13 +262,7 @@ class Connection:
         ConnectionClosed once the connection is closed. A failure to send later (the
         connection lost while nats-py's reconnect buffer is full) is logged.
         """
-        if self._closed:
-            raise ConnectionClosed("the connection is closed")
-        if len(payload) > self._nc.max_payload:
-            raise PayloadTooLarge(
-                f"payload of {len(payload)} bytes exceeds the server's max_payload of "
-                f"{self._nc.max_payload} bytes (subject {subject})"
-            )
+        self._check(subject, payload, headers)
         self._enqueue((subject, payload, reply, headers, None))
 
     async def request(
@@ -271,13 +278,7 @@ class Connection:
         ``trio.move_on_after``). Raises NoResponders (nobody subscribed; for a JetStream
         publish, no stream holds the subject), PayloadTooLarge or ConnectionClosed.
         """
-        if self._closed:
-            raise ConnectionClosed("the connection is closed")
-        if len(payload) > self._nc.max_payload:
-            raise PayloadTooLarge(
-                f"payload of {len(payload)} bytes exceeds the server's max_payload of "
-                f"{self._nc.max_payload} bytes (subject {subject})"
-            )
+        self._check(subject, payload, headers)
         token = str(next(self._tokens))
         waiter = Reply()
         self._waiters[token] = waiter

@@ -325,7 +325,6 @@ class Worker:
         if self._running:
             raise NatrioError("this worker is already running")
         self._running = True
-        self._stop = trio.Event()
         self._started_at = now_iso()
         reporter = Reporter(self.nc, self.worker_id)
         dispatcher = Dispatcher(
@@ -371,6 +370,9 @@ class Worker:
                         nursery.cancel_scope.cancel()
         finally:
             self._running = False
+            # A stopped worker may be run again.
+            self._stop = trio.Event()
+            self._grace = None
 
     async def _shutdown(
         self, dispatcher: Dispatcher, consumers: list[PullConsumer], registration: Registration
