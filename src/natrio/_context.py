@@ -52,15 +52,8 @@ class TaskContext:
         self.task = task
         self.worker_id = worker_id
         self.policy = policy
-        self.logger: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(
-            logger,
-            {
-                "task_type": task.task_type,
-                "run_id": task.run_id,
-                "step_id": task.step_id,
-                "attempt": task.attempt,
-            },
-        )
+        self._base_logger = logger
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._finisher = finisher
         self._finished = False
 
@@ -110,6 +103,22 @@ class TaskContext:
     def deadline(self) -> float | None:
         """The task's deadline as a Unix time, if it was submitted with one."""
         return self.task.deadline
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry task_type, run_id, step_id and attempt as extras."""
+        if self._logger is None:
+            # Made on first use: most handlers never log, and this is the per-task hot path.
+            self._logger = logging.LoggerAdapter(
+                self._base_logger,
+                {
+                    "task_type": self.task.task_type,
+                    "run_id": self.task.run_id,
+                    "step_id": self.task.step_id,
+                    "attempt": self.task.attempt,
+                },
+            )
+        return self._logger
 
     @property
     def finished(self) -> bool:
