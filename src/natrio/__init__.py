@@ -10,14 +10,15 @@ travels: ``_bridge`` (connection) → ``_consumer`` (continuous pull) → ``_dis
 from ._bridge import Connection, Message, Subscription, connect
 from ._client import Client, TaskHandle
 from ._codec import DecodeError, converter
-from ._context import TaskContext
+from ._context import ExecutionPaused, TaskContext
 from ._directory import WorkerInfo, list_workers
-from ._dispatcher import DispatcherStatistics
+from ._dispatcher import DispatcherStatistics, StepHooks
 from ._errors import (
     ConfigurationError,
     ConnectError,
     ConnectionClosed,
     Fatal,
+    HandlerTimeout,
     JetStreamError,
     NatrioError,
     NoResponders,
@@ -32,6 +33,7 @@ from ._outcomes import DeadLetter, Task, TaskError
 from ._provision import provision
 from ._retry import RetryPolicy
 from ._server import EmbeddedServer, embedded_server, find_nats_server
+from ._state import SignalTimeout
 from ._version import __version__
 from ._worker import Worker, WorkerStatistics, open_worker, run_worker
 
@@ -45,7 +47,9 @@ __all__ = [
     "DecodeError",
     "DispatcherStatistics",
     "EmbeddedServer",
+    "ExecutionPaused",
     "Fatal",
+    "HandlerTimeout",
     "JetStreamError",
     "Message",
     "NatrioError",
@@ -55,6 +59,8 @@ __all__ = [
     "RetryPolicy",
     "Retryable",
     "ServerError",
+    "SignalTimeout",
+    "StepHooks",
     "Subscription",
     "Task",
     "TaskContext",

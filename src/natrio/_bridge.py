@@ -355,7 +355,7 @@ class Connection:
         return Subscription(self, subject, receive, send, sub)
 
     def expect_reply(self) -> tuple[str, Reply]:
-        """A reply subject and the :class:`Reply` its first message will land in.
+        """A reply subject and the ``Reply`` its first message will land in.
 
         For replies that come later from someone else (a worker answering a client).
         Only a weak reference is kept: drop the Reply and its subject is forgotten.

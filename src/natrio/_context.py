@@ -6,15 +6,22 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import _wire as wire
+from ._codec import decode, encode
 from ._errors import ConfigurationError, TerminalAlreadyCalled
 from ._outcomes import Task
 
+MAX_SIGNAL_WAIT = 3600.0
+
 if TYPE_CHECKING:
     from ._retry import RetryPolicy
+    from ._state import StepState
 
 
 class Finisher(Protocol):
-    """What carries out a context's terminal calls (the dispatcher)."""
+    """What carries out a context's terminal calls and durable state (the dispatcher)."""
+
+    state: StepState
 
     async def complete(self, ctx: TaskContext, output: object) -> None: ...
 
@@ -22,7 +29,21 @@ class Finisher(Protocol):
         self, ctx: TaskContext, exc: BaseException, *, permanent: bool, delay: float | None
     ) -> None: ...
 
+    async def pause(self, ctx: TaskContext, delay: float) -> None: ...
+
+    async def continue_with(self, ctx: TaskContext, output: object) -> None: ...
+
     def heartbeat(self, ctx: TaskContext) -> None: ...
+
+    def put_stream(self, ctx: TaskContext, data: bytes) -> None: ...
+
+
+class ExecutionPaused(BaseException):
+    """Raised by ``ctx.pause()`` to end the execution; the dispatcher catches it.
+
+    A BaseException, like ``trio.Cancelled``, so that ``except Exception`` in a handler
+    does not swallow it; ``finally`` blocks still run.
+    """
 
 
 class TaskContext:
@@ -30,10 +51,15 @@ class TaskContext:
 
     Identity and input: :attr:`input`, :attr:`task_type`, :attr:`group`, :attr:`run_id`,
     :attr:`step_id`, :attr:`attempt` (1-based), :attr:`retry_count` (0-based),
-    :attr:`headers`, :attr:`worker_id`, :attr:`logger`.
+    :attr:`iteration`, :attr:`resumed`, :attr:`headers`, ``worker_id``, :attr:`logger`.
+
+    Durable state: :meth:`checkpoint`, :meth:`load_checkpoint`, :meth:`pause`,
+    :meth:`wait_for_signal`, :meth:`send_signal`; output as it happens:
+    :meth:`put_stream`.
 
     Exactly one terminal call per execution: :meth:`complete`, :meth:`fail`,
-    :meth:`fail_permanent` or :meth:`fail_retry_after`; a second raises
+    :meth:`fail_permanent`, :meth:`fail_retry_after`, :meth:`continue_with` or
+    :meth:`pause`; a second raises
     :class:`TerminalAlreadyCalled`. A handler that returns without one completes with its
     return value; one that raises fails with the exception. Terminal calls take effect at
     once (the outcome is durable and the task acked when they return) and are not
@@ -56,6 +82,8 @@ class TaskContext:
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._finisher = finisher
         self._finished = False
+        # Whether this execution touched durable state, so the end of the step clears it.
+        self.used_state = False
 
     # -- identity ---------------------------------------------------------------------
 
@@ -93,6 +121,16 @@ class TaskContext:
     def retry_count(self) -> int:
         """How many attempts came before this one (0-based)."""
         return self.task.attempt - 1
+
+    @property
+    def iteration(self) -> int:
+        """The agent-loop iteration, from 1; :meth:`continue_with` makes the next one."""
+        return self.task.iteration
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this execution resumes the step after :meth:`pause`."""
+        return self.task.resumed
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -156,6 +194,82 @@ class TaskContext:
             raise ConfigurationError(f"fail_retry_after delay must be >= 0, got {delay!r}")
         self._claim("fail_retry_after")
         await self._finisher.fail(self, exc, permanent=False, delay=delay)
+
+    async def continue_with(self, output: Any) -> None:
+        """End this iteration of an agent loop: run the step again with ``output`` as input.
+
+        The next execution sees ``ctx.iteration`` one higher. The re-enqueue happens once
+        even if this execution is redelivered; a ``continued`` event is published. Past
+        the handler's ``max_iterations`` the step is dead-lettered instead.
+        """
+        self._claim("continue_with")
+        await self._finisher.continue_with(self, output)
+
+    async def pause(self, delay: float, checkpoint: Any = None) -> None:
+        """Save ``checkpoint`` (if given), and end this execution; resume after ``delay`` s.
+
+        Does not return: it raises :class:`natrio.ExecutionPaused`, which the worker handles. A
+        pause does not use up the retry budget (``attempt`` after the resume is what it
+        was), and the resumed execution has ``ctx.resumed`` true. A ``paused`` event is
+        published.
+        """
+        if not delay >= 0:
+            raise ConfigurationError(f"pause delay must be >= 0, got {delay!r}")
+        if checkpoint is not None:
+            await self.checkpoint(checkpoint)
+        self._claim("pause")
+        self.used_state = True
+        await self._finisher.pause(self, delay)
+        raise ExecutionPaused(delay)
+
+    # -- durable state ----------------------------------------------------------------
+
+    async def checkpoint(self, state: Any) -> None:
+        """Save ``state`` (bytes, or a value cattrs can unstructure) as the step's checkpoint.
+
+        It survives redelivery, a crash and a move to another worker, and is removed when
+        the step reaches a terminal outcome (unless the handler keeps checkpoints).
+        """
+        self.used_state = True
+        await self._finisher.state.save_checkpoint(self.run_id, self.step_id, encode(state))
+
+    async def load_checkpoint(self, state_type: Any = None) -> Any:
+        """The step's last checkpoint (decoded into ``state_type`` if given), or None."""
+        self.used_state = True
+        raw = await self._finisher.state.load_checkpoint(self.run_id, self.step_id)
+        if raw is None:
+            return None
+        return decode(raw, state_type)
+
+    # The timeout is part of the contract (at most an hour, SignalTimeout a task failure),
+    # not a stand-in for a cancel scope.
+    async def wait_for_signal(self, name: str, timeout: float) -> bytes:  # noqa: ASYNC109
+        """Wait for the run's signal ``name`` and return its data.
+
+        A signal sent before the wait began is seen. The task is kept alive while
+        waiting. Raises :class:`natrio.SignalTimeout` after ``timeout`` seconds (at most
+        one hour; a longer timeout raises ConfigurationError), which fails the attempt
+        (retryably) unless caught.
+        """
+        wire.check_name("signal name", name)
+        if not 0 < timeout <= MAX_SIGNAL_WAIT:
+            raise ConfigurationError(
+                f"wait_for_signal timeout must be > 0 and at most {MAX_SIGNAL_WAIT:.0f} s, got {timeout!r}"
+            )
+        return await self._finisher.state.wait_for_signal(self.run_id, name, timeout)
+
+    async def send_signal(self, run_id: str, name: str, data: Any = b"") -> None:
+        """Send signal ``name`` with ``data`` to run ``run_id`` (bytes or a JSON-able value)."""
+        wire.check_id("run id", run_id)
+        wire.check_name("signal name", name)
+        await self._finisher.state.send_signal(run_id, name, encode(data))
+
+    async def put_stream(self, data: Any) -> None:
+        """Publish ``data`` on the step's stream (core NATS: fire-and-forget, in order).
+
+        Read it with ``Client.stream(run_id, step_id)`` or ``natrio stream RUN STEP``.
+        """
+        self._finisher.put_stream(self, encode(data))
 
     async def heartbeat(self) -> None:
         """Tell the server the task is still being worked on (``+WPI``), resetting AckWait.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -16,10 +16,12 @@ from . import _wire as wire
 from ._bridge import Message
 from ._codec import DecodeError, encode
 from ._consumer import PullConsumer
-from ._context import TaskContext
-from ._errors import ConfigurationError, Fatal, NatrioError, Retryable
+from ._context import ExecutionPaused, TaskContext
+from ._errors import ConfigurationError, Fatal, HandlerTimeout, NatrioError, Retryable
 from ._outcomes import Reporter, Task, TaskError
 from ._retry import RetryPolicy
+from ._state import StepState
+from .middleware import Invocation, Middleware, Next
 
 log = logging.getLogger("natrio.dispatcher")
 
@@ -39,6 +41,25 @@ class Route:
     handler: Handler
     ack_wait: float
     retry: RetryPolicy | None
+    timeout: float | None = None
+    max_iterations: int = 100
+    keep_checkpoint: bool = False
+
+
+class StepHooks(Protocol):
+    """Observers of final outcomes: called exactly once per terminal outcome of a step.
+
+    Never for an intermediate retry, a pause or an agent-loop iteration. A hook runs
+    before the outcome is recorded; if it raises, the task is NAK'd and redelivered
+    rather than acknowledged, so no outcome is lost (a hook may therefore see a step
+    again after a crash: make it idempotent).
+    """
+
+    async def on_step_done(self, task: Task, output: bytes) -> None:
+        """The step completed with ``output``."""
+
+    async def on_step_failed(self, task: Task, error: TaskError) -> None:
+        """The step was dead-lettered with ``error``."""
 
 
 class Delivery:
@@ -73,6 +94,14 @@ def read_task(msg: Message) -> Task:
             retry = RetryPolicy.from_json(headers[wire.H_RETRY])
         except ConfigurationError as exc:
             raise MalformedTask(f"bad {wire.H_RETRY} header: {exc}") from None
+    iteration = 1
+    if wire.H_ITERATION in headers:
+        try:
+            iteration = int(headers[wire.H_ITERATION])
+        except ValueError:
+            iteration = 0
+        if iteration < 1:
+            raise MalformedTask(f"bad {wire.H_ITERATION} header {headers[wire.H_ITERATION]!r}")
     deadline = None
     if wire.H_DEADLINE in headers:
         try:
@@ -95,6 +124,8 @@ def read_task(msg: Message) -> Task:
         deadline=deadline,
         retry=retry,
         reply=headers.get(wire.H_REPLY) or None,
+        iteration=iteration,
+        delivered=attempt,
     )
 
 
@@ -126,8 +157,15 @@ class Dispatcher:
         concurrency: int,
         default_retry: RetryPolicy,
         logger: logging.Logger,
+        state: StepState | None = None,
+        middleware: Sequence[Middleware] = (),
+        hooks: StepHooks | None = None,
     ) -> None:
         self.reporter = reporter
+        self.state = state or StepState(reporter.conn)
+        self.middleware = tuple(middleware)
+        self.hooks = hooks
+        self._calls: dict[str, Next] = {}
         self.concurrency = concurrency
         self.default_retry = default_retry
         self.logger = logger
@@ -136,6 +174,7 @@ class Dispatcher:
         self._held: set[Delivery] = set()
         self._running: set[Delivery] = set()
         self._all_done = trio.Event()
+        self._keep_alive_scope = trio.CancelScope(shield=True)
         self._tick = 10.0
         self.processed = 0
         self.failed = 0
@@ -147,6 +186,8 @@ class Dispatcher:
     def sink(self, route: Route, consumer: PullConsumer) -> Callable[[Message], None]:
         """The function a consumer hands its messages to."""
         self._tick = min(self._tick, route.ack_wait / 6)
+        if route.task_type not in self._calls:
+            self._calls[route.task_type] = self._chain(route)
 
         def accept(msg: Message) -> None:
             if self.stopping:
@@ -158,6 +199,18 @@ class Dispatcher:
             self._send.send_nowait(delivery)
 
         return accept
+
+    def _chain(self, route: Route) -> Next:
+        handler = route.handler
+
+        async def innermost(invocation: Invocation) -> Any:
+            return await handler(invocation.context)
+
+        call: Next = innermost
+        # The first middleware in the list ends up outermost.
+        for middleware in reversed(self.middleware):
+            call = middleware(call)
+        return call
 
     def _release(self, delivery: Delivery) -> None:
         if delivery in self._held:
@@ -196,13 +249,16 @@ class Dispatcher:
 
     async def _keep_alive(self) -> None:
         # One loop keeps every held task alive, queued or running, with +WPI every ack_wait/3.
-        while True:
-            await trio.sleep(self._tick)
-            now = trio.current_time()
-            for delivery in list(self._held):
-                if now - delivery.last_progress >= delivery.route.ack_wait / 3:
-                    delivery.last_progress = now
-                    self.reporter.in_progress(delivery.msg)
+        # Shielded so that handlers finishing inside the shutdown grace stay alive too;
+        # shutdown() ends it.
+        with self._keep_alive_scope:
+            while True:
+                await trio.sleep(self._tick)
+                now = trio.current_time()
+                for delivery in list(self._held):
+                    if now - delivery.last_progress >= delivery.route.ack_wait / 3:
+                        delivery.last_progress = now
+                        self.reporter.in_progress(delivery.msg)
 
     async def _execute(self, delivery: Delivery) -> None:
         msg = delivery.msg
@@ -215,6 +271,11 @@ class Dispatcher:
             self.dead += 1
             return
         route = delivery.route
+        with trio.CancelScope(shield=True):
+            if task.delivered > 1:
+                task = await self._account_for_pauses(task)
+                if await self.reporter.finish_if_done(task, msg):
+                    return
         policy = task.retry or route.retry or self.default_retry
         ctx = TaskContext(
             task,
@@ -225,31 +286,21 @@ class Dispatcher:
         )
         if policy.maximum_attempts and task.attempt > policy.maximum_attempts:
             # Delivered again after its last attempt ended without an outcome (a crash).
-            error = TaskError(
-                "AttemptsExhausted",
-                f"delivered {task.attempt} times; the policy allows {policy.maximum_attempts}",
-                kind="exhausted",
-                attempts=task.attempt,
-            )
-            await self._dead(delivery, ctx, error)
-            return
-        if task.deadline is not None and time.time() >= task.deadline:
+            message = f"delivered {task.attempt} times; the policy allows {policy.maximum_attempts}"
             await self._dead(
                 delivery,
                 ctx,
-                TaskError(
-                    "DeadlineExceeded",
-                    "the task's deadline passed before it ran",
-                    kind="deadline",
-                    attempts=task.attempt,
-                ),
+                TaskError("AttemptsExhausted", message, "", "exhausted", task.attempt),
             )
             return
-        if task.attempt > 1:
-            with trio.CancelScope(shield=True):
-                if await self.reporter.finish_if_completed(task, msg):
-                    return
+        if task.deadline is not None and time.time() >= task.deadline:
+            message = "the task's deadline passed before it ran"
+            await self._dead(
+                delivery, ctx, TaskError("DeadlineExceeded", message, "", "deadline", task.attempt)
+            )
+            return
         self.reporter.started(task)
+        call = self._calls[route.task_type]
         # Shielded: cancelling the worker's scope must not cut a handler short; the
         # dispatcher cancels this scope itself after the shutdown grace period.
         with trio.CancelScope(shield=True) as scope:
@@ -257,7 +308,15 @@ class Dispatcher:
             if task.deadline is not None:
                 scope.deadline = trio.current_time() + (task.deadline - time.time())
             try:
-                result = await route.handler(ctx)
+                if route.timeout is None:
+                    result = await call(Invocation(task, ctx))
+                else:
+                    with trio.move_on_after(route.timeout) as timer:
+                        result = await call(Invocation(task, ctx))
+                    if timer.cancelled_caught:
+                        raise HandlerTimeout(f"the handler did not finish within {route.timeout} s")
+            except ExecutionPaused:
+                pass
             except Exception as exc:
                 if ctx.finished:
                     ctx.logger.warning("handler raised after its outcome was recorded: %r", exc)
@@ -271,23 +330,61 @@ class Dispatcher:
         if delivery.cancelled_by_shutdown:
             self.reporter.nak(msg)
         else:
+            message = "the task's deadline passed while it ran"
             await self._dead(
-                delivery,
-                ctx,
-                TaskError(
-                    "DeadlineExceeded",
-                    "the task's deadline passed while it ran",
-                    kind="deadline",
-                    attempts=task.attempt,
-                ),
+                delivery, ctx, TaskError("DeadlineExceeded", message, "", "deadline", task.attempt)
             )
 
+    async def _account_for_pauses(self, task: Task) -> Task:
+        # Pauses are NAKs, which the server counts as deliveries: take them back out.
+        record = await self.state.pause_record(task.run_id, task.step_id, task.seq)
+        if record is None:
+            return task
+        return attrs.evolve(
+            task,
+            attempt=max(1, task.delivered - record.pauses),
+            resumed=task.delivered == record.delivered_at_last_pause + 1,
+        )
+
     # -- outcomes ---------------------------------------------------------------------
+
+    async def _run_hook(
+        self, delivery: Delivery, ctx: TaskContext, name: str, value: object
+    ) -> bool:
+        hook = getattr(self.hooks, name, None) if self.hooks is not None else None
+        if hook is None:
+            return True
+        try:
+            await hook(ctx.task, value)
+        except Exception:
+            delay = ctx.policy.delay(ctx.task.attempt)
+            ctx.logger.exception(
+                "step hook %s failed; the task will be redelivered in %.3f s", name, delay
+            )
+            self.reporter.nak(delivery.msg, delay)
+            return False
+        return True
+
+    async def _clear_state(self, delivery: Delivery, ctx: TaskContext) -> None:
+        # Only steps that may have state pay for clearing it: this execution touched it,
+        # or an earlier delivery (which may have) came before.
+        if ctx.used_state or ctx.task.delivered > 1 or ctx.task.iteration > 1:
+            try:
+                await self.state.clear(
+                    ctx.run_id, ctx.step_id, keep_checkpoint=delivery.route.keep_checkpoint
+                )
+            except NatrioError as exc:
+                ctx.logger.warning("could not clear the step's checkpoint: %r", exc)
 
     async def _dead(self, delivery: Delivery, ctx: TaskContext, error: TaskError) -> None:
         ctx._finished = True
         with trio.CancelScope(shield=True):
-            await self.reporter.dead(ctx.task, delivery.msg, error)
+            if not await self._run_hook(delivery, ctx, "on_step_failed", error):
+                return
+            payload, headers = await self.reporter.dead(ctx.task, delivery.msg, error)
+            await self._clear_state(delivery, ctx)
+            self.reporter.term(delivery.msg)
+            self.reporter.announce(ctx.task, payload, headers)
         self.dead += 1
 
     async def _complete(self, delivery: Delivery, ctx: TaskContext, output: object) -> None:
@@ -297,7 +394,12 @@ class Dispatcher:
             await self._fail(delivery, ctx, exc, permanent=True, delay=None)
             return
         with trio.CancelScope(shield=True):
-            await self.reporter.completed(ctx.task, delivery.msg, payload)
+            if not await self._run_hook(delivery, ctx, "on_step_done", payload):
+                return
+            headers = await self.reporter.completed(ctx.task, payload)
+            await self._clear_state(delivery, ctx)
+            self.reporter.ack(delivery.msg)
+            self.reporter.announce(ctx.task, payload, headers)
         self.processed += 1
 
     async def _fail(
@@ -322,10 +424,10 @@ class Dispatcher:
         elif policy.exhausted(task.attempt):
             kind = "exhausted"
         else:
-            kind = "error"
+            kind = "timeout" if isinstance(cause, HandlerTimeout) else "error"
         error = TaskError.from_exception(exc, kind=kind, attempts=task.attempt)
         self.failed += 1
-        if kind != "error":
+        if kind not in ("error", "timeout"):
             ctx.logger.warning(
                 "task dead (%s) after attempt %d: %s: %s",
                 kind,
@@ -351,12 +453,38 @@ class Dispatcher:
         self.reporter.failed(task, delivery.msg, error, delay)
         self.retried += 1
 
+    async def _pause(self, delivery: Delivery, ctx: TaskContext, delay: float) -> None:
+        task = ctx.task
+        with trio.CancelScope(shield=True):
+            await self.state.record_pause(task.run_id, task.step_id, task.seq, task.delivered)
+        self.reporter.paused(task, delay)
+        self.reporter.nak(delivery.msg, delay)
+
+    async def _continue(self, delivery: Delivery, ctx: TaskContext, output: object) -> None:
+        task = ctx.task
+        if task.iteration >= delivery.route.max_iterations:
+            message = f"the agent loop reached max_iterations ({delivery.route.max_iterations})"
+            await self._dead(
+                delivery,
+                ctx,
+                TaskError("MaxIterationsExceeded", message, "", "iterations", task.attempt),
+            )
+            return
+        try:
+            payload = encode(output)
+        except Exception as exc:
+            await self._fail(delivery, ctx, exc, permanent=True, delay=None)
+            return
+        with trio.CancelScope(shield=True):
+            await self.reporter.continued(task, delivery.msg, payload)
+        self.processed += 1
+
     # -- shutdown ---------------------------------------------------------------------
 
     async def shutdown(self, grace: float) -> None:
         """NAK every queued task at once, give running handlers ``grace`` seconds, cancel the rest.
 
-        Returns within ``grace`` + 1 s. Cancelled handlers' tasks are NAK'd so another
+        Returns within ``grace`` + 0.5 s. Cancelled handlers' tasks are NAK'd so another
         worker takes them immediately.
         """
         self.stopping = True
@@ -380,12 +508,13 @@ class Dispatcher:
                 delivery.cancelled_by_shutdown = True
                 if delivery.scope is not None:
                     delivery.scope.cancel()
-            with trio.move_on_after(1.0):
+            with trio.move_on_after(0.5):
                 await self._all_done.wait()
         # Anything still held (a handler that ignores cancellation) goes back now.
         for delivery in list(self._held):
             self.reporter.nak(delivery.msg)
             self._release(delivery)
+        self._keep_alive_scope.cancel()
 
     def statistics(self) -> DispatcherStatistics:
         """Counters: queued, in flight, processed, failed attempts, retried, dead."""
@@ -401,13 +530,14 @@ class Dispatcher:
 
 
 class _Finish:
-    """Binds a context's terminal calls to the dispatcher and its delivery."""
+    """Binds a context's terminal calls and state to the dispatcher and its delivery."""
 
-    __slots__ = ("_delivery", "_dispatcher")
+    __slots__ = ("_delivery", "_dispatcher", "state")
 
     def __init__(self, dispatcher: Dispatcher, delivery: Delivery) -> None:
         self._dispatcher = dispatcher
         self._delivery = delivery
+        self.state = dispatcher.state
 
     async def complete(self, ctx: TaskContext, output: object) -> None:
         await self._dispatcher._complete(self._delivery, ctx, output)
@@ -417,6 +547,17 @@ class _Finish:
     ) -> None:
         await self._dispatcher._fail(self._delivery, ctx, exc, permanent=permanent, delay=delay)
 
+    async def pause(self, ctx: TaskContext, delay: float) -> None:
+        await self._dispatcher._pause(self._delivery, ctx, delay)
+
+    async def continue_with(self, ctx: TaskContext, output: object) -> None:
+        await self._dispatcher._continue(self._delivery, ctx, output)
+
     def heartbeat(self, ctx: TaskContext) -> None:
         self._delivery.last_progress = trio.current_time()
         self._dispatcher.reporter.in_progress(self._delivery.msg)
+
+    def put_stream(self, ctx: TaskContext, data: bytes) -> None:
+        self._dispatcher.reporter.conn.publish_nowait(
+            wire.stream_subject(ctx.run_id, ctx.step_id), data
+        )

@@ -107,3 +107,10 @@ class TaskFailed(NatrioError):
         self.run_id = run_id
         self.step_id = step_id
         self.error = error
+
+
+class HandlerTimeout(NatrioError):
+    """The failure recorded when a handler runs past its ``timeout`` (kind ``timeout``).
+
+    Retryable, like any failure, within the retry policy.
+    """

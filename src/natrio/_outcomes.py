@@ -35,10 +35,12 @@ _NS = 1_000_000_000
 class Task:
     """One delivery of a task, as read off the wire. Frozen: middleware and hooks get this value.
 
-    ``attempt`` is 1-based and counts deliveries (from the ack subject); ``seq`` is the
-    task's sequence in the task stream; ``deadline`` is a Unix time or None;
-    ``retry`` is the policy sent with the task, if any; ``reply`` the subject a waiting
-    client listens on, if any.
+    ``attempt`` is 1-based and counts deliveries (from the ack subject) less pauses;
+    ``delivered`` is the raw delivery count; ``seq`` is the task's sequence in the task
+    stream; ``deadline`` is a Unix time or None; ``retry`` is the policy sent with the
+    task, if any; ``reply`` the subject a waiting client listens on, if any;
+    ``iteration`` counts agent-loop iterations from 1; ``resumed`` is true on the first
+    delivery after a pause.
     """
 
     task_type: str
@@ -52,6 +54,9 @@ class Task:
     deadline: float | None = None
     retry: RetryPolicy | None = None
     reply: str | None = None
+    iteration: int = 1
+    resumed: bool = False
+    delivered: int = 0
 
     @property
     def retry_count(self) -> int:
@@ -65,7 +70,9 @@ class TaskError:
 
     Kinds: ``error`` (an exception, retried per policy), ``fatal`` (no retries wanted),
     ``exhausted`` (the last allowed attempt failed), ``decode`` (the input could not be
-    decoded), ``malformed`` (the message itself is not a valid task).
+    decoded), ``malformed`` (the message itself is not a valid task), ``timeout`` (the
+    handler's timeout expired), ``deadline`` (the task's deadline passed), ``iterations``
+    (an agent loop reached ``max_iterations``), ``hook`` (a step hook kept failing).
     """
 
     type: str
@@ -203,8 +210,8 @@ class Reporter:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def completed(self, task: Task, msg: Message, output: bytes) -> None:
-        """Record the completion durably, tell a waiting client, then ack."""
+    async def completed(self, task: Task, output: bytes) -> dict[str, str]:
+        """Record the completion durably; returns the headers to :meth:`announce` it with."""
         headers = self._headers(
             task,
             **{
@@ -219,8 +226,52 @@ class Reporter:
             output,
             headers,
         )
+        return headers
+
+    def announce(self, task: Task, payload: bytes, headers: dict[str, str]) -> None:
+        """Tell a waiting client the outcome and end the step's stream (after the ack)."""
         if task.reply:
-            self.conn.publish_nowait(task.reply, output, headers=headers)
+            self.conn.publish_nowait(task.reply, payload, headers=headers)
+        self._end_stream(task, headers[wire.H_OUTCOME])
+
+    def _end_stream(self, task: Task, outcome: str) -> None:
+        # Ends a client's stream iterator: sent on the stream subject after the chunks,
+        # so it arrives after them.
+        self.conn.publish_nowait(
+            wire.stream_subject(task.run_id, task.step_id), b"", headers={wire.H_OUTCOME: outcome}
+        )
+
+    def paused(self, task: Task, delay: float) -> None:
+        """Publish a ``paused`` event (not awaited)."""
+        self.conn.publish_nowait(
+            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.PAUSED),
+            json.dumps({"delay": delay}).encode(),
+            headers=self._headers(task),
+        )
+
+    async def continued(self, task: Task, msg: Message, next_input: bytes) -> None:
+        """Enqueue the step's next iteration (once, even if this runs twice), record it, ack."""
+        headers = {
+            k: v for k, v in task.headers.items() if not k.startswith("Nats-") or k == wire.H_MSG_ID
+        }
+        headers[wire.H_MSG_ID] = wire.task_msg_id(
+            task.task_type, task.run_id, task.step_id, task.iteration + 1
+        )
+        headers[wire.H_ITERATION] = str(task.iteration + 1)
+        await self._publish_durably(msg.subject, next_input, headers)
+        await self._publish_durably(
+            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.CONTINUED),
+            next_input,
+            self._headers(
+                task,
+                **{
+                    wire.H_MSG_ID: wire.outcome_msg_id(
+                        "k", task.task_type, task.run_id, task.step_id, task.seq
+                    ),
+                    wire.H_ITERATION: str(task.iteration),
+                },
+            ),
+        )
         self.ack(msg)
 
     def failed(self, task: Task, msg: Message, error: TaskError, delay: float) -> None:
@@ -233,8 +284,11 @@ class Reporter:
         )
         self.nak(msg, delay)
 
-    async def dead(self, task: Task, msg: Message, error: TaskError) -> None:
-        """Write the dead-letter entry and the ``dead`` event, tell a waiting client, terminate."""
+    async def dead(
+        self, task: Task, msg: Message, error: TaskError
+    ) -> tuple[bytes, dict[str, str]]:
+        """Write the dead-letter entry and the ``dead`` event; returns the payload and headers
+        to :meth:`announce` it with."""
         entry = DeadLetter(
             task_type=task.task_type,
             group=task.group,
@@ -265,9 +319,7 @@ class Reporter:
             payload,
             headers,
         )
-        if task.reply:
-            self.conn.publish_nowait(task.reply, payload, headers=headers)
-        self.term(msg)
+        return payload, headers
 
     async def dead_letter(self, entry: DeadLetter, msg: Message) -> None:
         """Store a dead-letter entry (deduplicated per task message)."""
@@ -304,20 +356,23 @@ class Reporter:
         await self.dead_letter(entry, msg)
         self.term(msg)
 
-    async def finish_if_completed(self, task: Task, msg: Message) -> bool:
-        """If this very task message already has a completion event (a redelivery after a
-        crash between event and ack), tell a waiting client again, ack, and return True."""
-        last = await self.js.last_message(
-            wire.EVENT_STREAM,
-            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED),
-        )
-        if last is None or last.header(wire.H_TASK_SEQ) != str(task.seq):
-            return False
-        if task.reply:
-            self.conn.publish_nowait(
-                task.reply,
-                last.data,
-                headers={wire.H_OUTCOME: wire.COMPLETED, wire.H_TASK_SEQ: str(task.seq)},
+    async def finish_if_done(self, task: Task, msg: Message) -> bool:
+        """If this very task message already completed or continued (a redelivery after a
+        crash between recording that and the ack), tell a waiting client again, ack, and
+        return True."""
+        for kind in (wire.COMPLETED, wire.CONTINUED):
+            last = await self.js.last_message(
+                wire.EVENT_STREAM,
+                wire.event_subject(task.task_type, task.run_id, task.step_id, kind),
             )
-        self.ack(msg)
-        return True
+            if last is None or last.header(wire.H_TASK_SEQ) != str(task.seq):
+                continue
+            if kind == wire.COMPLETED and task.reply:
+                self.conn.publish_nowait(
+                    task.reply,
+                    last.data,
+                    headers={wire.H_OUTCOME: wire.COMPLETED, wire.H_TASK_SEQ: str(task.seq)},
+                )
+            self.ack(msg)
+            return True
+        return False

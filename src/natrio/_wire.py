@@ -7,6 +7,10 @@ Subject layout (``<...>`` are tokens, each validated by :func:`check_name` or :f
     natrio.dead.<task_type>.<group>.<run_id>.<step_id>      dead-letter stream
     natrio.stream.<run_id>.<step_id>                        step output (core NATS)
 
+    KV natrio_checkpoints   <run_id>.<step_id>              a step's checkpoint
+                            <run_id>.<step_id>.pause        a task message's pause record
+    KV natrio_signals       <run_id>.<signal name>          a run's signals
+
 One durable consumer serves one (task type, group) pair; its name is
 ``<task_type>~<group>``, and ``~`` is not allowed inside names so it cannot collide.
 """
@@ -42,15 +46,18 @@ H_OUTCOME: Final = "Natrio-Outcome"
 H_TASK_SEQ: Final = "Natrio-Task-Seq"
 H_ATTEMPT: Final = "Natrio-Attempt"
 H_WORKER: Final = "Natrio-Worker"
+H_ITERATION: Final = "Natrio-Iteration"
 
 # Event kinds, the last token of an event subject.
 STARTED: Final = "started"
 COMPLETED: Final = "completed"
 FAILED: Final = "failed"
 DEAD: Final = "dead"
+PAUSED: Final = "paused"
+CONTINUED: Final = "continued"
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_ID = re.compile(r"[A-Za-z0-9_\-:=@+]{1,128}")
+_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
 
 
 def check_name(kind: str, value: object) -> str:
@@ -71,11 +78,13 @@ def check_name(kind: str, value: object) -> str:
 def check_id(kind: str, value: object) -> str:
     """Return ``value`` if it is a valid run id or step id, else raise ConfigurationError.
 
-    Ids are 1-128 characters of ASCII letters, digits and ``_ - : = @ +``.
+    Ids are 1-128 characters of ASCII letters, digits and ``_ - =``: they become subject
+    tokens and KV keys (where nats.go and the ``nats`` CLI accept no other characters),
+    and ``:`` separates them in message ids.
     """
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ConfigurationError(
-            f"invalid {kind} {value!r}: use 1-128 ASCII letters, digits or '_-:=@+'"
+            f"invalid {kind} {value!r}: use 1-128 ASCII letters, digits, '_', '-' or '='"
         )
     return value
 
@@ -105,9 +114,30 @@ def dead_subject(task_type: str, group: str, run_id: str, step_id: str) -> str:
     return f"{PREFIX}.dead.{task_type}.{group}.{run_id}.{step_id}"
 
 
-def task_msg_id(task_type: str, run_id: str, step_id: str) -> str:
-    """The ``Nats-Msg-Id`` that makes a second submit of the same step a no-op."""
-    return f"task:{task_type}:{run_id}:{step_id}"
+def task_msg_id(task_type: str, run_id: str, step_id: str, iteration: int = 0) -> str:
+    """The ``Nats-Msg-Id`` that makes a second submit (or re-enqueue) of the same step a no-op."""
+    base = f"task:{task_type}:{run_id}:{step_id}"
+    return f"{base}:{iteration}" if iteration else base
+
+
+def stream_subject(run_id: str, step_id: str) -> str:
+    """The core subject a step's streamed output goes to."""
+    return f"{PREFIX}.stream.{run_id}.{step_id}"
+
+
+def checkpoint_key(run_id: str, step_id: str) -> str:
+    """The checkpoints-bucket key of a step's checkpoint."""
+    return f"{run_id}.{step_id}"
+
+
+def pause_key(run_id: str, step_id: str) -> str:
+    """The checkpoints-bucket key of a step's pause record."""
+    return f"{run_id}.{step_id}.pause"
+
+
+def signal_key(run_id: str, name: str) -> str:
+    """The signals-bucket key of one signal of a run."""
+    return f"{run_id}.{name}"
 
 
 def outcome_msg_id(kind: str, task_type: str, run_id: str, step_id: str, task_seq: int) -> str:

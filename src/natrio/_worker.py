@@ -23,13 +23,14 @@ from ._codec import DecodeError, decode
 from ._consumer import PullConsumer
 from ._context import TaskContext
 from ._directory import Registration, WorkerInfo
-from ._dispatcher import Dispatcher, DispatcherStatistics, Handler, Route
+from ._dispatcher import Dispatcher, DispatcherStatistics, Handler, Route, StepHooks
 from ._errors import ConfigurationError, Fatal, NatrioError
 from ._jetstream import JetStream
 from ._outcomes import Reporter, now_iso
 from ._retry import RetryPolicy
 from ._util import single_error
 from ._version import __version__
+from .middleware import Middleware
 
 log = logging.getLogger("natrio.worker")
 
@@ -83,6 +84,10 @@ class Worker:
     - ``prefetch``: messages each consumer may hold (queued or running); default
       ``concurrency``.
     - ``name``: the stable worker name; default from its task types and groups.
+    - ``middleware``: wrappers around every handler call, first outermost (see
+      :mod:`natrio.middleware`); add more with :meth:`use`.
+    - ``hooks``: an object with async ``on_step_done(task, output)`` and
+      ``on_step_failed(task, error)``, called once per terminal outcome.
 
     Invalid options raise ConfigurationError here, invalid registrations in
     :meth:`handle`.
@@ -100,6 +105,8 @@ class Worker:
         prefetch: int | None = None,
         name: str | None = None,
         logger: logging.Logger | None = None,
+        middleware: Iterable[Middleware] = (),
+        hooks: StepHooks | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -136,6 +143,13 @@ class Worker:
         self.prefetch = prefetch or concurrency
         self.logger = logger or logging.getLogger("natrio.task")
         self._name = name
+        self._middleware: list[Middleware] = []
+        for item in middleware:
+            self.use(item)
+        for method in ("on_step_done", "on_step_failed"):
+            if hooks is not None and not inspect.iscoroutinefunction(getattr(hooks, method, None)):
+                raise ConfigurationError(f"hooks must have an async {method}(task, ...) method")
+        self.hooks = hooks
         self._routes: dict[str, Route] = {}
         self._token = secrets.token_hex(6)
         self._hostname = socket.gethostname()
@@ -157,7 +171,7 @@ class Worker:
 
     @property
     def worker_id(self) -> str:
-        """Unique per worker: ``<worker_name>.<random>@<hostname>``."""
+        """Unique per worker, ``<worker_name>.<random>@<hostname>``."""
         return f"{self.worker_name}.{self._token}@{self._hostname}"
 
     @property
@@ -167,8 +181,22 @@ class Worker:
 
     # -- registration -----------------------------------------------------------------
 
+    def use(self, middleware: Middleware) -> Middleware:
+        """Add a middleware inside those already added; returns it (usable as a decorator)."""
+        if self._running:
+            raise ConfigurationError("add middleware before the worker starts")
+        if not callable(middleware):
+            raise ConfigurationError(f"middleware must be callable, got {middleware!r}")
+        self._middleware.append(middleware)
+        return middleware
+
     def _register(
-        self, task_type: str, handler: Handler, ack_wait: float | None, retry: RetryPolicy | None
+        self,
+        task_type: str,
+        handler: Handler,
+        ack_wait: float | None,
+        retry: RetryPolicy | None,
+        options: dict[str, Any],
     ) -> None:
         wire.check_name("task type", task_type)
         if self._running:
@@ -179,11 +207,24 @@ class Worker:
             _positive("ack_wait")(None, None, ack_wait)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        timeout = options.get("timeout")
+        if timeout is not None:
+            _positive("timeout")(None, None, timeout)
+        max_iterations = options.get("max_iterations", 100)
+        if (
+            isinstance(max_iterations, bool)
+            or not isinstance(max_iterations, int)
+            or max_iterations < 1
+        ):
+            raise ConfigurationError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
         self._routes[task_type] = Route(
             task_type=task_type,
             handler=handler,
             ack_wait=float(ack_wait or self.ack_wait),
             retry=retry,
+            timeout=None if timeout is None else float(timeout),
+            max_iterations=max_iterations,
+            keep_checkpoint=bool(options.get("keep_checkpoint", False)),
         )
 
     @overload
@@ -213,17 +254,28 @@ class Worker:
         *,
         ack_wait: float | None = None,
         retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_iterations: int = 100,
+        keep_checkpoint: bool = False,
     ) -> H | Callable[[H], H]:
         """Register ``async def fn(ctx) -> bytes | None | value`` for ``task_type``.
 
         Use as ``@worker.handle("type")`` or ``worker.handle("type", fn)``. The handler
         reads ``ctx.input`` (bytes); what it returns is the output (bytes as they are,
-        other values as JSON via cattrs). ``ack_wait`` and ``retry`` override the worker's.
+        other values as JSON via cattrs). ``ack_wait`` and ``retry`` override the worker's;
+        ``timeout`` (seconds) fails an execution that runs longer (kind ``timeout``,
+        retryable); ``max_iterations`` bounds an agent loop (``ctx.continue_with``);
+        ``keep_checkpoint`` keeps the step's checkpoint after its terminal outcome.
         """
+        options = {
+            "timeout": timeout,
+            "max_iterations": max_iterations,
+            "keep_checkpoint": keep_checkpoint,
+        }
 
         def register(fn: H) -> H:
             _check_async(task_type, fn)
-            self._register(task_type, fn, ack_wait, retry)
+            self._register(task_type, fn, ack_wait, retry, options)
             return fn
 
         return register if fn is None else register(fn)
@@ -255,13 +307,22 @@ class Worker:
         *,
         ack_wait: float | None = None,
         retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_iterations: int = 100,
+        keep_checkpoint: bool = False,
     ) -> H | Callable[[H], H]:
         """Register ``async def fn(ctx, value: In) -> Out`` for ``task_type``.
 
         The input is decoded from JSON into ``In`` and the output encoded from ``Out`` with
         cattrs, both types taken from the annotations (``Out`` may be ``None``). Input
         that cannot be decoded fails the task permanently, naming the type and the field.
+        Options as for :meth:`handle`.
         """
+        options = {
+            "timeout": timeout,
+            "max_iterations": max_iterations,
+            "keep_checkpoint": keep_checkpoint,
+        }
 
         def register(fn: H) -> H:
             _check_async(task_type, fn)
@@ -275,7 +336,7 @@ class Worker:
                 return await fn(ctx, value)
 
             typed.__qualname__ = getattr(fn, "__qualname__", typed.__qualname__)
-            self._register(task_type, typed, ack_wait, retry)
+            self._register(task_type, typed, ack_wait, retry, options)
             return fn
 
         return register if fn is None else register(fn)
@@ -328,7 +389,12 @@ class Worker:
         self._started_at = now_iso()
         reporter = Reporter(self.nc, self.worker_id)
         dispatcher = Dispatcher(
-            reporter, concurrency=self.concurrency, default_retry=self.retry, logger=self.logger
+            reporter,
+            concurrency=self.concurrency,
+            default_retry=self.retry,
+            logger=self.logger,
+            middleware=self._middleware,
+            hooks=self.hooks,
         )
         self._dispatcher = dispatcher
         js = JetStream(self.nc)
@@ -379,19 +445,20 @@ class Worker:
     ) -> None:
         grace = self.shutdown_grace if self._grace is None else self._grace
         log.info("worker %s stopping (grace %.1f s)", self.worker_id, grace)
-        # From here on every arriving message is NAK'd at once.
+        # From here on every arriving message is NAK'd at once. The steps below are bounded
+        # so that the whole shutdown takes at most grace + 1 s.
         dispatcher.stopping = True
-        with trio.move_on_after(min(0.3, grace + 0.3)):
+        with trio.move_on_after(0.2):
             async with trio.open_nursery() as nursery:
                 for consumer in consumers:
                     nursery.start_soon(consumer.stop)
         await dispatcher.shutdown(grace)
-        with trio.move_on_after(0.3):
+        with trio.move_on_after(0.2):
             try:
                 await registration.deregister()
             except NatrioError as exc:
                 log.warning("could not delete directory entry: %r", exc)
-        with trio.move_on_after(0.2), suppress(NatrioError):
+        with trio.move_on_after(0.1), suppress(NatrioError):
             await self.nc.flush()
 
     def stop(self, grace: float | None = None) -> None:

@@ -1,0 +1,111 @@
+"""Durable step state in KV: checkpoints, pause records and signals."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import trio
+
+from . import _wire as wire
+from ._bridge import Connection
+from ._errors import NatrioError
+from ._jetstream import JetStream, KeyValue
+
+
+class SignalTimeout(NatrioError):
+    """Raised by ``ctx.wait_for_signal`` when no signal came in time.
+
+    Unless the handler catches it, it is an ordinary (retryable) failure of the attempt.
+    """
+
+
+@attrs.frozen
+class PauseRecord:
+    """How often one task message was paused, and at which delivery last.
+
+    Pauses are NAKs, which the server counts as deliveries; subtracting them keeps the
+    attempt number (and the retry budget) what it was before the pause.
+    """
+
+    seq: int
+    pauses: int
+    delivered_at_last_pause: int
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return json.dumps(attrs.asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> PauseRecord:
+        """Read a stored record."""
+        return cls(**json.loads(raw))
+
+
+class StepState:
+    """Checkpoints and pause records in ``natrio_checkpoints``, signals in ``natrio_signals``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        js = JetStream(conn)
+        self.checkpoints = KeyValue(js, wire.CHECKPOINTS_BUCKET)
+        self.signals = KeyValue(js, wire.SIGNALS_BUCKET)
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    async def save_checkpoint(self, run_id: str, step_id: str, state: bytes) -> None:
+        """Store a step's checkpoint, replacing the previous one."""
+        await self.checkpoints.put(wire.checkpoint_key(run_id, step_id), state)
+
+    async def load_checkpoint(self, run_id: str, step_id: str) -> bytes | None:
+        """A step's checkpoint, or None."""
+        return await self.checkpoints.get(wire.checkpoint_key(run_id, step_id))
+
+    async def clear(self, run_id: str, step_id: str, *, keep_checkpoint: bool) -> None:
+        """Forget a finished step's pause record and, unless kept, its checkpoint."""
+        await self.checkpoints.delete(wire.pause_key(run_id, step_id))
+        if not keep_checkpoint:
+            await self.checkpoints.delete(wire.checkpoint_key(run_id, step_id))
+
+    # -- pauses -----------------------------------------------------------------------
+
+    async def pause_record(self, run_id: str, step_id: str, seq: int) -> PauseRecord | None:
+        """The pause record of this task message, if it was ever paused."""
+        raw = await self.checkpoints.get(wire.pause_key(run_id, step_id))
+        if raw is None:
+            return None
+        record = PauseRecord.from_json(raw)
+        # A record left by an earlier task of the same step does not apply to this one.
+        return record if record.seq == seq else None
+
+    async def record_pause(self, run_id: str, step_id: str, seq: int, delivered: int) -> None:
+        """Count one more pause of this task message, at delivery ``delivered``."""
+        previous = await self.pause_record(run_id, step_id, seq)
+        pauses = previous.pauses + 1 if previous else 1
+        await self.checkpoints.put(
+            wire.pause_key(run_id, step_id), PauseRecord(seq, pauses, delivered).to_json()
+        )
+
+    # -- signals ----------------------------------------------------------------------
+
+    async def send_signal(self, run_id: str, name: str, data: bytes) -> None:
+        """Write a run's signal; a step waiting for it (or starting to wait later) gets ``data``."""
+        await self.signals.put(wire.signal_key(run_id, name), data)
+
+    async def wait_for_signal(self, run_id: str, name: str, timeout: float) -> bytes:  # noqa: ASYNC109
+        """The signal's data, as soon as it exists; SignalTimeout after ``timeout`` seconds.
+
+        Watch semantics: subscribe to the key's updates first, then read its current
+        value, so a signal sent before the wait began is seen and none is missed.
+        """
+        key = wire.signal_key(run_id, name)
+        updates = await self.conn.subscribe(f"$KV.{wire.SIGNALS_BUCKET}.{key}")
+        async with updates:
+            with trio.move_on_after(timeout):
+                current = await self.signals.get(key)
+                if current is not None:
+                    return current
+                async for msg in updates:
+                    if msg.header("KV-Operation") not in ("DEL", "PURGE"):
+                        return msg.data
+        raise SignalTimeout(f"no signal {name!r} for run {run_id} within {timeout} s")
