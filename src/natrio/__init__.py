@@ -8,7 +8,7 @@ travels: ``_bridge`` (connection) → ``_consumer`` (continuous pull) → ``_dis
 """
 
 from ._bridge import Connection, Message, Subscription, connect
-from ._client import Client, TaskHandle
+from ._client import Client, StepStream, TaskHandle
 from ._codec import DecodeError, converter
 from ._context import ExecutionPaused, TaskContext
 from ._directory import WorkerInfo, list_workers
@@ -61,6 +61,7 @@ __all__ = [
     "ServerError",
     "SignalTimeout",
     "StepHooks",
+    "StepStream",
     "Subscription",
     "Task",
     "TaskContext",

@@ -12,12 +12,13 @@ from typing import Any, TypeVar, overload
 import trio
 
 from . import _wire as wire
-from ._bridge import Connection, Message, Reply
+from ._bridge import Connection, Message, Reply, Subscription
 from ._codec import decode, encode
 from ._errors import ConfigurationError, TaskFailed
 from ._jetstream import JetStream
 from ._outcomes import DeadLetter, TaskError
 from ._retry import RetryPolicy
+from ._state import StepState
 
 T = TypeVar("T")
 
@@ -118,6 +119,81 @@ def _read_outcome(handle: TaskHandle, message: Message, output_type: Any) -> Any
     return decode(message.data, output_type)
 
 
+class StepStream:
+    """A step's streamed output (``ctx.put_stream``), chunk by chunk, ending with the step.
+
+    Use ``async with client.stream(run_id, step_id) as chunks: async for data in chunks``
+    (plain ``async for`` works too; the subscription then lives until the end). Chunks are
+    core NATS messages: only those published after the subscription began are seen. The
+    iteration ends when the step completes or is dead-lettered (``outcome`` says which),
+    or at once when it already had.
+    """
+
+    def __init__(self, client: Client, run_id: str, step_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.step_id = step_id
+        self.outcome: str | None = None
+        self._sub: Subscription | None = None
+        self._done = False
+
+    async def _open(self) -> Subscription:
+        if self._sub is None:
+            self._sub = await self.client.nc.subscribe(
+                wire.stream_subject(self.run_id, self.step_id)
+            )
+            # Subscribed first, then look: a step that already ended has nothing more to say.
+            self.outcome = await self._stored_outcome()
+            self._done = self.outcome is not None
+        return self._sub
+
+    async def _stored_outcome(self) -> str | None:
+        for kind in (wire.COMPLETED, wire.DEAD):
+            info = await self.client.js.stream_info(
+                wire.EVENT_STREAM,
+                subjects_filter=f"{wire.PREFIX}.event.*.{self.run_id}.{self.step_id}.{kind}",
+            )
+            if (info.get("state") or {}).get("subjects"):
+                return kind
+        return None
+
+    async def __aenter__(self) -> StepStream:
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        self._done = True
+        if self._sub is not None:
+            with trio.CancelScope(shield=True):
+                await self._sub.unsubscribe()
+
+    def __aiter__(self) -> StepStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        sub = await self._open()
+        while not self._done:
+            with trio.move_on_after(self.client.check_interval):
+                msg = await sub.receive()
+                outcome = msg.header(wire.H_OUTCOME)
+                if outcome is None:
+                    return msg.data
+                self.outcome = outcome
+                break
+            if self.outcome is None:
+                # No end marker for a while: it may have been lost to a reconnect.
+                self.outcome = await self._stored_outcome()
+                if self.outcome is None:
+                    continue
+            break
+        await self.aclose()
+        raise StopAsyncIteration
+
+
 class Client:
     """Submits tasks and waits for their outcomes.
 
@@ -196,6 +272,22 @@ class Client:
             # A duplicate runs nothing new, so no reply will come: read the events instead.
             slot=None if duplicate else slot,
         )
+
+    def stream(self, run_id: str, step_id: str) -> StepStream:
+        """The streamed output of a step, until the step ends (see :class:`StepStream`)."""
+        wire.check_id("run id", run_id)
+        wire.check_id("step id", step_id)
+        return StepStream(self, run_id, step_id)
+
+    async def send_signal(self, run_id: str, name: str, data: Any = b"") -> None:
+        """Send signal ``name`` with ``data`` (bytes or a JSON-able value) to run ``run_id``.
+
+        A step waiting in ``ctx.wait_for_signal(name, ...)`` wakes with the data; one that
+        starts waiting later gets it at once.
+        """
+        wire.check_id("run id", run_id)
+        wire.check_name("signal name", name)
+        await StepState(self.nc).send_signal(run_id, name, encode(data))
 
     def handle(self, task_type: str, run_id: str, step_id: str) -> TaskHandle:
         """A handle for a task submitted elsewhere (another process, an earlier run)."""

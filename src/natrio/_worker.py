@@ -143,6 +143,7 @@ class Worker:
         self.prefetch = prefetch or concurrency
         self.logger = logger or logging.getLogger("natrio.task")
         self._name = name
+        self._running = False
         self._middleware: list[Middleware] = []
         for item in middleware:
             self.use(item)
@@ -235,6 +236,9 @@ class Worker:
         *,
         ack_wait: float | None = None,
         retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_iterations: int = 100,
+        keep_checkpoint: bool = False,
     ) -> Callable[[H], H]: ...
 
     @overload
@@ -245,6 +249,9 @@ class Worker:
         *,
         ack_wait: float | None = None,
         retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_iterations: int = 100,
+        keep_checkpoint: bool = False,
     ) -> H: ...
 
     def handle(
@@ -288,6 +295,9 @@ class Worker:
         *,
         ack_wait: float | None = None,
         retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_iterations: int = 100,
+        keep_checkpoint: bool = False,
     ) -> Callable[[H], H]: ...
 
     @overload
@@ -298,6 +308,9 @@ class Worker:
         *,
         ack_wait: float | None = None,
         retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_iterations: int = 100,
+        keep_checkpoint: bool = False,
     ) -> H: ...
 
     def handle_typed(
