@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests`` (the default), lint, typecheck, examples, docs, bench."""
+"""Developer tasks: ``nox -s tests`` (the default), lint, typecheck, examples, docs, chaos."""
 
 from __future__ import annotations
 
@@ -47,3 +47,16 @@ def docs(session: nox.Session) -> None:
     """Build the docs with warnings as errors."""
     session.install(".", "-r", "docs/requirements.txt")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """The full chaos suite; writes its figures to docs/reliability.md."""
+    session.install(".", *TEST_DEPS)
+    results = "chaos-results.jsonl"
+    session.run("rm", "-f", results, external=True)
+    env = {"NATRIO_CHAOS_SCALE": "full", "NATRIO_CHAOS_RESULTS": results}
+    session.run("pytest", "tests/chaos", "-s", *session.posargs, env=env)
+    session.run(
+        "python", "-m", "tests.chaos.render", results, "docs/reliability.md", "nox -s chaos"
+    )
