@@ -7,6 +7,7 @@ throughput should hold from the first quarter to the last (reported, not asserte
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -79,7 +80,7 @@ async def test_backlog_keeps_memory_bounded(
     early = max(rss for done, rss in samples if done <= total // 10)
     peak = max(rss for _, rss in samples)
     edges = [began, *quarter_times]
-    rates = [(total / 4) / (b - a) for a, b in zip(edges, edges[1:], strict=False)]
+    rates = [(total / 4) / (b - a) for a, b in itertools.pairwise(edges)]
     harness.report(
         harness.ScenarioResult(
             scenario="Overload and memory",
