@@ -44,6 +44,21 @@ def make_worker(nc: natrio.Connection) -> natrio.Worker:
     async def fail(ctx: natrio.TaskContext) -> None:
         raise natrio.Fatal("refused on purpose")
 
+    @worker.handle("cli-approve")
+    async def approve(ctx: natrio.TaskContext) -> bytes:
+        # The test waits for this line before it sends the signal, so the step is running
+        # (about to wait, or waiting) when the signal comes.
+        print(f"APPROVE WAITING {ctx.run_id}", file=sys.stderr, flush=True)
+        return await ctx.wait_for_signal("approval", 30)
+
+    @worker.handle("cli-count")
+    async def count(ctx: natrio.TaskContext) -> bytes:
+        # Waits for "go" so that the test can have `natrio stream` listening first.
+        await ctx.wait_for_signal("go", 30)
+        for i in range(3):
+            await ctx.put_stream(f"chunk {i}".encode())
+        return b"counted"
+
     return worker
 
 

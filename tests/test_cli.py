@@ -2,7 +2,9 @@
 
 Commands that return run in-process with click's CliRunner (plain sync tests: each
 invocation calls ``trio.run`` itself); ``natrio server`` and ``natrio worker``, which run
-until signalled, run as subprocesses and are synchronised on the lines they print.
+until signalled, and commands that must be running while the test acts (``natrio
+stream``, ``natrio submit --wait``) run as subprocesses and are synchronised on the lines
+they print.
 """
 
 from __future__ import annotations
@@ -32,12 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "nats://127.0.0.1:1"
 URL_LINE = re.compile(r"^nats://127\.0\.0\.1:(\d+)$")
 STARTED_LINE = re.compile(r"worker (\S+) started")
+CLI_APP_TASK_TYPES = (
+    "cli-add",
+    "cli-approve",
+    "cli-binary",
+    "cli-count",
+    "cli-echo",
+    "cli-fail",
+)
 
 
-def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+def invoke(*args: str, env: dict[str, str] | None = None, input: bytes | None = None) -> Result:
     """Run ``natrio ARGS`` in-process; NATRIO_URL is unset unless ``env`` sets it."""
     runner = CliRunner(env={"NATRIO_URL": None, **(env or {})})
-    return runner.invoke(cli, list(args), catch_exceptions=True)
+    return runner.invoke(cli, list(args), input=input, catch_exceptions=True)
 
 
 def ok(result: Result) -> Result:
@@ -105,6 +115,13 @@ class Process:
             raise AssertionError(
                 f"still running {timeout} s after {signum!r}: {self.seen}"
             ) from None
+
+    def exit_status(self, timeout: float) -> int:
+        """The exit status of a process that must end by itself within ``timeout`` s."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s: {self.seen}") from None
 
     def rest(self, stream: str) -> list[str]:
         """Every line of ``stream`` (the process must have exited)."""
@@ -271,7 +288,7 @@ def test_workers_lists_the_worker(
     (entry,) = (info for info in listed if info["worker_id"] == worker_id)
     assert entry["pid"] == process.popen.pid
     assert entry["groups"] == ["default"]
-    assert set(entry["task_types"]) == {"cli-add", "cli-binary", "cli-echo", "cli-fail"}
+    assert set(entry["task_types"]) == set(CLI_APP_TASK_TYPES)
     assert {"hostname", "in_flight", "processed", "failed", "last_seen"} <= entry.keys()
 
 
@@ -304,6 +321,126 @@ def test_worker_lets_a_running_task_finish_on_sigterm(cli_server: natrio.Embedde
     assert worker_id not in {info["worker_id"] for info in listed}
 
 
+# -- natrio signal / natrio stream ---------------------------------------------------------
+
+
+def test_signal_wakes_a_waiting_step(
+    cli_server: natrio.EmbeddedServer, cli_worker: tuple[Process, str]
+) -> None:
+    worker, _ = cli_worker
+    url = cli_server.url
+    waiter = Process(
+        "submit", "cli-approve", "--url", url, "--run-id", "approve-1", "--wait", "--timeout", "20"
+    )
+    try:
+        waiter.expect(r"^approve-1 cli-approve \d+$", stream="stdout")
+        worker.expect("APPROVE WAITING approve-1")
+        result = ok(invoke("signal", "approve-1", "approval", "yes", "--url", url))
+        assert result.stdout == ""
+        assert result.stderr.strip() == "signal approval sent to run approve-1"
+        # The step returns the signal's data, which `submit --wait` prints.
+        waiter.expect("^yes$", stream="stdout")
+        assert waiter.exit_status(timeout=10) == 0
+    finally:
+        waiter.close()
+
+
+@pytest.mark.parametrize(
+    ("run_id", "args", "stdin", "output"),
+    [
+        ("approve-2", ["early"], None, "early"),
+        # `-` reads the data from stdin, bytes as they are: not decoded, newline kept.
+        ("approve-3", ["-"], b"\xffraw\n", repr(b"\xffraw\n")),
+        ("approve-4", [], None, ""),
+    ],
+)
+def test_signal_sent_before_the_step_starts_is_seen(
+    cli_server: natrio.EmbeddedServer,
+    cli_worker: tuple[Process, str],
+    run_id: str,
+    args: list[str],
+    stdin: bytes | None,
+    output: str,
+) -> None:
+    url = cli_server.url
+    ok(invoke("signal", run_id, "approval", *args, "--url", url, input=stdin))
+    result = ok(
+        invoke(
+            "submit", "cli-approve", "--url", url, "--run-id", run_id, "--wait", "--timeout", "20"
+        )
+    )
+    assert result.stdout.splitlines()[1:] == [output]
+
+
+def test_stream_prints_chunks_as_they_come_then_the_outcome(
+    cli_server: natrio.EmbeddedServer, cli_worker: tuple[Process, str]
+) -> None:
+    url = cli_server.url
+    # The step waits for "go" before it streams anything.
+    ok(invoke("submit", "cli-count", "--url", url, "--run-id", "count-1"))
+    follower = Process("stream", "count-1", "cli-count", "--url", url, "--timeout", "20")
+    try:
+        follower.expect("listening")
+        ok(invoke("signal", "count-1", "go", "--url", url))
+        assert follower.exit_status(timeout=10) == 0
+        assert follower.rest("stdout") == ["chunk 0", "chunk 1", "chunk 2"]
+        stderr = follower.rest("stderr")
+        assert stderr[-1] == "run count-1 step cli-count completed"
+    finally:
+        follower.close()
+
+    # The step has ended: the stream ends at once, with the same outcome and no chunks
+    # (it does not wait the client's check interval of 5 s either).
+    started = time.monotonic()
+    result = ok(invoke("stream", "count-1", "cli-count", "--url", url))
+    assert time.monotonic() - started < 4
+    assert result.stdout == ""
+    assert result.stderr.strip() == "run count-1 step cli-count completed"
+
+
+def test_stream_of_a_dead_step_exits_1(
+    cli_server: natrio.EmbeddedServer, cli_worker: tuple[Process, str]
+) -> None:
+    url = cli_server.url
+    result = invoke(
+        "submit", "cli-fail", "--url", url, "--run-id", "dead-1", "--wait", "--timeout", "10"
+    )
+    assert result.exit_code == 1, (result.exception, result.stderr)
+    result = invoke("stream", "dead-1", "cli-fail", "--url", url, "--timeout", "10")
+    assert result.exit_code == 1, (result.exception, result.stderr)
+    assert result.stdout == ""
+    assert "run dead-1 step cli-fail dead" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stream_timeout_exits_1(cli_server: natrio.EmbeddedServer) -> None:
+    # No such step: the stream never ends.
+    result = invoke("stream", "nobody-1", "cli-nobody", "--url", cli_server.url, "--timeout", "0.3")
+    assert result.exit_code == 1, (result.exception, result.stderr)
+    assert "listening" in result.stderr
+    assert "within 0.3 s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["signal", "r-1", "a.b"], "invalid signal name 'a.b'"),
+        (["signal", "r-1", "a b", "data"], "invalid signal name 'a b'"),
+        (["signal", "r.1", "go"], "invalid run id 'r.1'"),
+        (["stream", "r*1", "s-1"], "invalid run id 'r*1'"),
+        (["stream", "r-1", "s>1"], "invalid step id 's>1'"),
+    ],
+)
+def test_invalid_signal_and_stream_names_exit_2(
+    cli_server: natrio.EmbeddedServer, command: list[str], message: str
+) -> None:
+    result = invoke(*command, "--url", cli_server.url)
+    assert result.exit_code == 2, (result.exception, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # -- the worker factory --------------------------------------------------------------------
 
 
@@ -311,12 +448,7 @@ async def test_make_worker_accepts_sync_and_async_factories(
     cli_server: natrio.EmbeddedServer,
 ) -> None:
     async with natrio.connect(cli_server.url) as nc:
-        assert (await make_worker(cli_app.make_worker, nc)).task_types == (
-            "cli-add",
-            "cli-binary",
-            "cli-echo",
-            "cli-fail",
-        )
+        assert (await make_worker(cli_app.make_worker, nc)).task_types == CLI_APP_TASK_TYPES
         assert (await make_worker(cli_app.make_slow_worker, nc)).task_types == ("cli-slow",)
         with pytest.raises(natrio.ConfigurationError, match=r"returned str, not a natrio\.Worker"):
             await make_worker(cli_app.returns_string, nc)  # type: ignore[arg-type]
@@ -385,7 +517,16 @@ def test_invalid_task_type_exits_2(cli_server: natrio.EmbeddedServer) -> None:
     assert "task type" in result.stderr
 
 
-@pytest.mark.parametrize("command", [["workers"], ["submit", "cli-echo", "{}"], ["provision"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["workers"],
+        ["submit", "cli-echo", "{}"],
+        ["provision"],
+        ["signal", "r-1", "go"],
+        ["stream", "r-1", "s-1"],
+    ],
+)
 def test_unreachable_server_exits_1_naming_the_url(command: list[str]) -> None:
     started = time.monotonic()
     result = invoke(*command, "--connect-timeout", "0.5", env={"NATRIO_URL": UNREACHABLE})
@@ -398,7 +539,7 @@ def test_unreachable_server_exits_1_naming_the_url(command: list[str]) -> None:
 
 def test_help_and_version() -> None:
     result = ok(invoke("--help"))
-    for command in ("server", "worker", "submit", "workers", "provision"):
+    for command in ("server", "worker", "submit", "workers", "provision", "signal", "stream"):
         assert command in result.stdout
     assert "natrio.Connection" in ok(invoke("worker", "--help")).stdout
     assert natrio.__version__ in ok(invoke("--version")).stdout

@@ -1,5 +1,5 @@
-"""The ``natrio`` command line: a development server, a worker runner, task submission and
-the worker directory.
+"""The ``natrio`` command line: a development server, a worker runner, task submission,
+signals and streamed output, and the worker directory.
 
 Built only on natrio's public API, so it is also an example of using it from Trio: each
 command that talks to NATS runs its async body with :func:`trio.run`. Errors natrio raises
@@ -169,7 +169,8 @@ def _urls(url: str) -> list[str]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(natrio.__version__, prog_name="natrio")
 def cli() -> None:
-    """natrio: run Trio workers for NATS JetStream tasks, submit tasks, inspect workers.
+    """natrio: run Trio workers for NATS JetStream tasks, submit tasks, send signals,
+    follow streamed output, inspect workers.
 
     Commands that talk to NATS take --url (default: $NATRIO_URL, else
     nats://127.0.0.1:4222). Errors exit with status 1, usage and configuration
@@ -554,6 +555,102 @@ def _show_output(output: bytes) -> str:
         return output.decode("utf-8")
     except UnicodeDecodeError:
         return repr(output)
+
+
+# -- natrio signal ------------------------------------------------------------------------
+
+
+def _text_data(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes:
+    if value is None:
+        return b""
+    if value == "-":
+        # Bytes as they come: nothing is decoded, and no trailing newline is stripped.
+        stdin = getattr(sys.stdin, "buffer", None)
+        return stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8")
+    return value.encode("utf-8")
+
+
+@cli.command("signal")
+@click.argument("run_id", metavar="RUN")
+@click.argument("name", metavar="NAME")
+@click.argument("data", metavar="[DATA]", required=False, callback=_text_data)
+@_connection_options
+def signal_command(run_id: str, name: str, data: bytes, url: str, connect_timeout: float) -> None:
+    """Send signal NAME with DATA to run RUN.
+
+    A step of the run waiting in `ctx.wait_for_signal(NAME, ...)` wakes with DATA; one
+    that starts waiting later gets it at once. DATA (default: empty) is sent as its
+    UTF-8 bytes; `-` reads it from stdin, sent as is (a trailing newline included).
+    Prints a confirmation on stderr, nothing on stdout.
+    """
+    _run(_send_signal, _urls(url), connect_timeout, run_id, name, data)
+
+
+async def _send_signal(
+    urls: list[str], connect_timeout: float, run_id: str, name: str, data: bytes
+) -> None:
+    async with natrio.connect(urls, connect_timeout=connect_timeout, name="natrio signal") as nc:
+        await natrio.Client(nc).send_signal(run_id, name, data)
+    _say(f"signal {name} sent to run {run_id}", "green")
+
+
+# -- natrio stream ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("step_id", metavar="STEP")
+@_connection_options
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Give up after this many seconds (exit status 1). Default: wait forever.",
+)
+def stream(
+    run_id: str, step_id: str, url: str, connect_timeout: float, timeout: float | None
+) -> None:
+    """Print the streamed output (`ctx.put_stream`) of step STEP of run RUN as it comes.
+
+    One chunk per line on stdout (as text if it is UTF-8, else as a bytes literal), until
+    the step ends; then its outcome goes to stderr and the exit status is 0 if it
+    completed, 1 if it was dead-lettered. Only chunks published after the command
+    subscribed are seen: it prints `listening` on stderr once they will be. A step that
+    had already ended prints no chunks and exits at once.
+    """
+    _run(_stream, _urls(url), connect_timeout, run_id, step_id, wait_timeout=timeout)
+
+
+async def _stream(
+    urls: list[str],
+    connect_timeout: float,
+    run_id: str,
+    step_id: str,
+    *,
+    wait_timeout: float | None,
+) -> None:
+    async with natrio.connect(urls, connect_timeout=connect_timeout, name="natrio stream") as nc:
+        chunks = natrio.Client(nc).stream(run_id, step_id)
+        with trio.move_on_after(math.inf if wait_timeout is None else wait_timeout) as scope:
+            async with chunks:
+                if chunks.outcome is None:
+                    # Entering subscribed, then looked the step up over the same
+                    # connection, so the server has the subscription: any chunk published
+                    # from now on is seen. Scripts and tests wait for this line.
+                    _say(f"listening to the stream of run {run_id} step {step_id}")
+                async for data in chunks:
+                    # click.echo flushes, so a pipe sees each chunk as it arrives.
+                    click.echo(_show_output(data))
+    if scope.cancelled_caught:
+        raise _CommandError(f"run {run_id} step {step_id} did not end within {wait_timeout:g} s")
+    if chunks.outcome == "completed":
+        _say(f"run {run_id} step {step_id} completed", "green")
+        return
+    if chunks.outcome == "dead":
+        raise _CommandError(f"run {run_id} step {step_id} dead (dead-lettered)")
+    raise _CommandError(  # pragma: no cover - StepStream ends only with an outcome
+        f"the stream of run {run_id} step {step_id} ended without an outcome"
+    )
 
 
 # -- natrio workers -----------------------------------------------------------------------

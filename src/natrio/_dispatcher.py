@@ -271,8 +271,8 @@ class Dispatcher:
             self.dead += 1
             return
         route = delivery.route
-        with trio.CancelScope(shield=True):
-            if task.delivered > 1:
+        if task.delivered > 1:
+            with trio.CancelScope(shield=True):
                 task = await self._account_for_pauses(task)
                 if await self.reporter.finish_if_done(task, msg):
                     return
