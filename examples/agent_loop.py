@@ -13,9 +13,6 @@ it starts an embedded one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import attrs
 import trio
 
@@ -30,27 +27,8 @@ class Thought:
     notes: list[str]
 
 
-@asynccontextmanager
-async def connection() -> AsyncIterator[natrio.Connection]:
-    """A connection to the configured NATS, or to an embedded server if none answers."""
-    try:
-        async with natrio.connect(connect_timeout=1.0):
-            reachable = True
-    except natrio.ConnectError as exc:
-        print(f"{exc}; starting an embedded nats-server")
-        reachable = False
-    if reachable:
-        async with natrio.connect() as nc:
-            print(f"using NATS at {nc.url}")
-            yield nc
-    else:
-        async with natrio.embedded_server() as server, natrio.connect(server.url) as nc:
-            print(f"embedded nats-server at {server.url}")
-            yield nc
-
-
 async def main() -> None:
-    async with connection() as nc:
+    async with natrio.connect_or_embed() as nc:
         await natrio.provision(nc)
         worker = natrio.Worker(nc)
 

@@ -16,33 +16,12 @@ it starts an embedded one.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import trio
 
 import natrio
 
 CHUNKS = 5
-
-
-@asynccontextmanager
-async def connection() -> AsyncIterator[natrio.Connection]:
-    """A connection to the configured NATS, or to an embedded server if none answers."""
-    try:
-        async with natrio.connect(connect_timeout=1.0):
-            reachable = True
-    except natrio.ConnectError as exc:
-        print(f"{exc}; starting an embedded nats-server")
-        reachable = False
-    if reachable:
-        async with natrio.connect() as nc:
-            print(f"using NATS at {nc.url}")
-            yield nc
-    else:
-        async with natrio.embedded_server() as server, natrio.connect(server.url) as nc:
-            print(f"embedded nats-server at {server.url}")
-            yield nc
 
 
 async def read_chunks(
@@ -60,7 +39,7 @@ async def read_chunks(
 
 
 async def main() -> None:
-    async with connection() as nc:
+    async with natrio.connect_or_embed() as nc:
         await natrio.provision(nc)
         worker = natrio.Worker(nc)
 

@@ -32,7 +32,7 @@ from ._errors import (
 from ._outcomes import DeadLetter, Task, TaskError
 from ._provision import provision
 from ._retry import RetryPolicy
-from ._server import EmbeddedServer, embedded_server, find_nats_server
+from ._server import EmbeddedServer, connect_or_embed, embedded_server, find_nats_server
 from ._state import SignalTimeout
 from ._version import __version__
 from ._worker import Worker, WorkerStatistics, open_worker, run_worker
@@ -74,6 +74,7 @@ __all__ = [
     "WorkerStatistics",
     "__version__",
     "connect",
+    "connect_or_embed",
     "converter",
     "embedded_server",
     "find_nats_server",

@@ -23,11 +23,12 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import IO, Final
+from typing import IO, Any, Final
 
 import trio
 
-from ._errors import ConfigurationError, ServerError
+from ._bridge import Connection, connect
+from ._errors import ConfigurationError, ConnectError, ServerError
 
 __all__ = ["EmbeddedServer", "embedded_server", "find_nats_server"]
 
@@ -409,8 +410,8 @@ async def embedded_server(
 
     Example::
 
-        async with natrio.embedded_server() as server:
-            conn = await natrio.connect(server.url)
+        async with natrio.embedded_server() as server, natrio.connect(server.url) as nc:
+            ...
 
     Raises:
         ConfigurationError: for invalid options.
@@ -427,3 +428,27 @@ async def embedded_server(
         # Shielded: a cancelled body must still not leak the process or the temp dir.
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(server.close)
+
+
+@contextlib.asynccontextmanager
+async def connect_or_embed(
+    url: str | None = None, *, connect_timeout: float = 1.0, **options: Any
+) -> AsyncIterator[Connection]:
+    """Connect to NATS, or to an embedded nats-server when none answers.
+
+    Tries ``url`` (default ``$NATRIO_URL``, else ``nats://127.0.0.1:4222``) for
+    ``connect_timeout`` seconds; when no server answers there, starts an
+    :class:`EmbeddedServer` and connects to it, stopping it on exit. Meant for examples,
+    demos and local development: production code should call :func:`natrio.connect` and
+    fail loudly. ``options`` go to :func:`natrio.connect`.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            nc = await stack.enter_async_context(
+                connect(url, connect_timeout=connect_timeout, **options)
+            )
+        except ConnectError as exc:
+            _log.warning("%s; starting an embedded nats-server", exc)
+            server = await stack.enter_async_context(embedded_server())
+            nc = await stack.enter_async_context(connect(server.url, **options))
+        yield nc
