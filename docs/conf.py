@@ -42,6 +42,12 @@ myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = False
+# Keep middleware signatures readable: show the aliases, not what they expand to.
+autodoc_type_aliases = {
+    "Next": "natrio.middleware.Next",
+    "Middleware": "natrio.middleware.Middleware",
+    "Observer": "natrio.middleware.Observer",
+}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from . import _wire as wire
 from ._codec import decode, encode
@@ -62,8 +62,8 @@ class TaskContext:
     :meth:`pause`; a second raises
     :class:`TerminalAlreadyCalled`. A handler that returns without one completes with its
     return value; one that raises fails with the exception. Terminal calls take effect at
-    once (the outcome is durable and the task acked when they return) and are not
-    interrupted by cancellation.
+    once (when they return the outcome is recorded and the task's ack, NAK or TERM is
+    queued) and are not interrupted by cancellation.
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class TaskContext:
 
     @property
     def resumed(self) -> bool:
-        """Whether this execution resumes the step after :meth:`pause`."""
+        """Whether this is the first delivery after a :meth:`pause` (false after that)."""
         return self.task.resumed
 
     @property
@@ -199,13 +199,14 @@ class TaskContext:
         """End this iteration of an agent loop: run the step again with ``output`` as input.
 
         The next execution sees ``ctx.iteration`` one higher. The re-enqueue happens once
-        even if this execution is redelivered; a ``continued`` event is published. Past
-        the handler's ``max_iterations`` the step is dead-lettered instead.
+        even if this execution is redelivered; a ``continued`` event is published. Called
+        in iteration ``max_iterations`` (a handler option, default 100), it dead-letters
+        the step instead (kind ``iterations``).
         """
         self._claim("continue_with")
         await self._finisher.continue_with(self, output)
 
-    async def pause(self, delay: float, checkpoint: Any = None) -> None:
+    async def pause(self, delay: float, checkpoint: Any = None) -> NoReturn:
         """Save ``checkpoint`` (if given), and end this execution; resume after ``delay`` s.
 
         Does not return: it raises :class:`natrio.ExecutionPaused`, which the worker handles. A
@@ -215,6 +216,8 @@ class TaskContext:
         """
         if not delay >= 0:
             raise ConfigurationError(f"pause delay must be >= 0, got {delay!r}")
+        if self._finished:
+            self._claim("pause")  # raises before anything is saved
         if checkpoint is not None:
             await self.checkpoint(checkpoint)
         self._claim("pause")
@@ -246,8 +249,9 @@ class TaskContext:
     async def wait_for_signal(self, name: str, timeout: float) -> bytes:  # noqa: ASYNC109
         """Wait for the run's signal ``name`` and return its data.
 
-        A signal sent before the wait began is seen. The task is kept alive while
-        waiting. Raises :class:`natrio.SignalTimeout` after ``timeout`` seconds (at most
+        A signal sent before the wait began is seen; signals are not consumed, so a later
+        wait for the same name returns the stored data at once. The task is kept alive
+        while waiting. Raises :class:`natrio.SignalTimeout` after ``timeout`` seconds (at most
         one hour; a longer timeout raises ConfigurationError), which fails the attempt
         (retryably) unless caught.
         """

@@ -72,7 +72,7 @@ class TaskError:
     ``exhausted`` (the last allowed attempt failed), ``decode`` (the input could not be
     decoded), ``malformed`` (the message itself is not a valid task), ``timeout`` (the
     handler's timeout expired), ``deadline`` (the task's deadline passed), ``iterations``
-    (an agent loop reached ``max_iterations``), ``hook`` (a step hook kept failing).
+    (an agent loop reached ``max_iterations``).
     """
 
     type: str

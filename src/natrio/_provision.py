@@ -56,7 +56,7 @@ async def provision(
     - ``NATRIO_TASKS`` (``natrio.task.>``): work-queue retention; a task is removed once
       acknowledged. ``duplicate_window`` (seconds) is how long a second submit of the same
       run id and step id is recognised and dropped. ``task_max_age`` 0 keeps tasks until done.
-    - ``NATRIO_EVENTS`` (``natrio.event.>``): started/completed/failed/dead events, kept
+    - ``NATRIO_EVENTS`` (``natrio.event.>``): started, completed, failed, dead, paused and continued events, kept
       ``events_max_age`` seconds; results of finished tasks are read from here.
     - ``NATRIO_DLQ`` (``natrio.dead.>``): dead-letter entries, kept ``dead_letter_max_age``.
     - KV ``natrio_workers``: the worker directory; an entry expires ``worker_ttl`` seconds

@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._context import TaskContext
+from ._context import ExecutionPaused, TaskContext
 from ._errors import ConfigurationError, HandlerTimeout
 from ._outcomes import Task
 
@@ -44,7 +44,7 @@ class Invocation:
 
 #: A handler call, as middleware sees it.
 Next = Callable[[Invocation], Awaitable[Any]]
-#: A middleware: the next call in, a wrapped call out.
+#: A middleware takes the next call and returns a wrapped one.
 Middleware = Callable[[Next], Next]
 
 
@@ -64,7 +64,8 @@ def log(logger: logging.Logger | None = None) -> Middleware:
             try:
                 output = await call(invocation)
             except BaseException as exc:
-                level = logging.INFO if isinstance(exc, trio.Cancelled) else logging.ERROR
+                expected = isinstance(exc, trio.Cancelled | ExecutionPaused)
+                level = logging.INFO if expected else logging.ERROR
                 target.log(
                     level, "error %s after %.3f s: %r", where, trio.current_time() - began, exc
                 )
@@ -77,16 +78,16 @@ def log(logger: logging.Logger | None = None) -> Middleware:
     return middleware
 
 
-#: Called by :func:`metrics` once per execution: invocation, outcome, seconds.
+#: What :func:`metrics` calls once per execution with the invocation, outcome and seconds.
 Observer = Callable[[Invocation, str, float], None]
 
 
 def metrics(observer: Observer) -> Middleware:
     """Call ``observer(invocation, outcome, duration)`` exactly once per execution.
 
-    ``outcome`` is ``"ok"`` when the handler returned, ``"error"`` when it raised and
-    ``"cancelled"`` when it was cancelled (shutdown, deadline, pause). An observer that
-    raises is logged, not allowed to fail the task.
+    ``outcome`` is ``"ok"`` when the handler returned, ``"error"`` when it raised,
+    ``"paused"`` when it paused and ``"cancelled"`` when it was cancelled (shutdown,
+    deadline, timeout). An observer that raises is logged, not allowed to fail the task.
     """
 
     def middleware(call: Next) -> Next:
@@ -99,6 +100,9 @@ def metrics(observer: Observer) -> Middleware:
                 return output
             except trio.Cancelled:
                 outcome = "cancelled"
+                raise
+            except ExecutionPaused:
+                outcome = "paused"
                 raise
             finally:
                 try:
