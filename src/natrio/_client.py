@@ -314,8 +314,7 @@ class Client:
         if task_type is not None:
             wire.check_name("task type", task_type)
         subject = f"{wire.PREFIX}.dead.{task_type or '*'}.>"
-        info = await self.js.stream_info(wire.DEAD_STREAM, subjects_filter=subject)
-        subjects = (info.get("state") or {}).get("subjects") or {}
+        subjects = await self.js.subjects(wire.DEAD_STREAM, subject)
         entries: list[DeadLetter] = []
         for name in subjects:
             msg = await self.js.last_message(wire.DEAD_STREAM, name)

@@ -95,6 +95,20 @@ class JetStream:
         body = {"subjects_filter": subjects_filter} if subjects_filter else None
         return await self.api(f"STREAM.INFO.{name}", body)
 
+    async def subjects(self, stream: str, subjects_filter: str) -> dict[str, int]:
+        """Every subject in ``stream`` matching the filter, with its message count.
+
+        The server answers with at most 100,000 subjects at a time; this pages through all.
+        """
+        found: dict[str, int] = {}
+        while True:
+            body = {"subjects_filter": subjects_filter, "offset": len(found)}
+            info = await self.api(f"STREAM.INFO.{stream}", body)
+            page = (info.get("state") or {}).get("subjects") or {}
+            found.update(page)
+            if not page or len(found) >= int(info.get("total") or 0):
+                return found
+
     async def ensure_consumer(self, stream: str, config: Mapping[str, Any]) -> dict[str, Any]:
         """Create the durable consumer, or update it to ``config`` when it exists."""
         name = config["durable_name"]
@@ -160,8 +174,7 @@ class KeyValue:
     async def keys(self) -> list[str]:
         """Keys that currently have a value."""
         prefix = f"$KV.{self.bucket}."
-        info = await self.js.stream_info(self.stream, subjects_filter=prefix + ">")
-        subjects = (info.get("state") or {}).get("subjects") or {}
+        subjects = await self.js.subjects(self.stream, prefix + ">")
         return sorted(s[len(prefix) :] for s in subjects)
 
     async def items(self) -> dict[str, bytes]:

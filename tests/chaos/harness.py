@@ -76,10 +76,7 @@ async def outcomes(nc: natrio.Connection, task_type: str) -> Outcomes:
     js = JetStream(nc, timeout=30.0)
 
     async def per_subject(kind: str) -> dict[str, int]:
-        info = await js.stream_info(
-            "NATRIO_EVENTS", subjects_filter=f"natrio.event.{task_type}.*.*.{kind}"
-        )
-        return dict((info.get("state") or {}).get("subjects") or {})
+        return await js.subjects("NATRIO_EVENTS", f"natrio.event.{task_type}.*.*.{kind}")
 
     completed = await per_subject("completed")
     dead = await per_subject("dead")
