@@ -77,11 +77,15 @@ class PullConsumer:
         self._pulling = False
         self._gone: str | None = None
         self._last_activity = 0.0
+        self._paused_until = 0.0
+        self._backoff = 0.0
 
     # -- pulling ----------------------------------------------------------------------
 
     def _pull(self) -> None:
         if not self._pulling or self._inbox is None or self._gone is not None:
+            return
+        if self._paused_until and trio.current_time() < self._paused_until:
             return
         free = self.window - self.held - self.requested
         # Pull in halves of the window, but never sit idle with room and nothing asked for.
@@ -112,6 +116,7 @@ class PullConsumer:
     def _handle(self, msg: Message) -> None:
         status = msg.status
         if status is None:
+            self._backoff = 0.0
             if self.requested > 0:
                 self.requested -= 1
             self.held += 1
@@ -134,6 +139,13 @@ class PullConsumer:
             return
         if status == "400":
             self._gone = f"400 {description}"
+            return
+        if status == "503":
+            # No one answered for the consumer (an election, a consumer not yet ready): the
+            # pull never registered. Forget it and pull again after a short backoff.
+            self.requested = 0
+            self._backoff = min(self._backoff * 2, 2.0) if self._backoff else 0.1
+            self._paused_until = trio.current_time() + self._backoff
             return
         if status == "423":
             # Another client holds the pin: forget ours and keep pulling as a standby.
@@ -163,12 +175,19 @@ class PullConsumer:
     async def _receive(self, inbox: Subscription) -> None:
         silence = 2 * self._heartbeat
         while True:
-            with trio.move_on_at(self._last_activity + silence) as scope:
+            wake = self._last_activity + silence
+            if self._paused_until:
+                wake = min(wake, self._paused_until)
+            with trio.move_on_at(wake) as scope:
                 try:
                     msg = await inbox.receive()
                 except trio.EndOfChannel:
                     return
             if scope.cancelled_caught:
+                if self._paused_until and trio.current_time() >= self._paused_until:
+                    self._paused_until = 0.0
+                    self._pull()
+                    continue
                 self._last_activity = trio.current_time()
                 if self.requested > 0:
                     log.debug(

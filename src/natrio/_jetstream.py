@@ -69,7 +69,10 @@ class JetStream:
         try:
             msg = await self._request(subject, payload, headers)
         except NoResponders:
-            raise NatrioError(f"no stream holds {subject}: run natrio.provision() first") from None
+            raise NoResponders(
+                f"no stream answered for {subject}: it is not provisioned (run "
+                "natrio.provision()), or its stream has no leader right now"
+            ) from None
         reply: dict[str, Any] = json.loads(msg.data)
         error = reply.get("error")
         if error:

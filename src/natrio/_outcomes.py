@@ -148,7 +148,7 @@ def now_iso() -> str:
 class Reporter:
     """Publishes outcomes for one worker and sends the acks that follow them."""
 
-    def __init__(self, conn: Connection, worker_id: str, *, publish_timeout: float = 5.0) -> None:
+    def __init__(self, conn: Connection, worker_id: str, *, publish_timeout: float = 2.0) -> None:
         self.conn = conn
         self.js = JetStream(conn, timeout=publish_timeout)
         self.worker_id = worker_id

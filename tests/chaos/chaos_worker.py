@@ -2,6 +2,9 @@
 
 Usage: python -m tests.chaos.chaos_worker URL [options]
 
+``URL`` may be a comma-separated list (the nodes of a cluster); the connection fails over
+between them.
+
 Task types:
 - ``work``: sleeps a random 0..``--max-ms`` milliseconds, returns its input; an input
   starting with ``poison`` always raises.
@@ -33,7 +36,7 @@ def parse() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> None:
-    async with natrio.connect(args.url) as nc:
+    async with natrio.connect(args.url.split(",")) as nc:
         worker = natrio.Worker(
             nc,
             concurrency=args.concurrency,
