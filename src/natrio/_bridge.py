@@ -13,7 +13,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -40,12 +39,20 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 
 log = logging.getLogger("natrio.connection")
 
-_CREDENTIALS = re.compile(r"(//)[^/@]*@")
-
 
 def redact(url: str) -> str:
-    """``url`` with any user, password or token replaced by ``***``."""
-    return _CREDENTIALS.sub(r"\1***@", url)
+    """``url`` with any user, password or token replaced by ``***``.
+
+    Everything up to the last ``@`` of the authority is credentials (a password may hold
+    ``@`` or ``/``).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    return f"{scheme}{sep}***@{rest[at + 1 :]}"
 
 
 class Message:

@@ -303,8 +303,13 @@ class Client:
                 wire.EVENT_STREAM,
                 wire.event_subject(handle.task_type, handle.run_id, handle.step_id, kind),
             )
-            if msg is not None:
-                found.append((int(msg.header("Nats-Sequence") or 0), msg))
+            if msg is None:
+                continue
+            # An outcome of an earlier task of the same step (submitted again after the
+            # duplicate window) is not this task's: agent-loop iterations only come later.
+            if handle.seq is not None and int(msg.header(wire.H_TASK_SEQ) or 0) < handle.seq:
+                continue
+            found.append((int(msg.header("Nats-Sequence") or 0), msg))
         return max(found, key=lambda item: item[0])[1] if found else None
 
     async def dead_letters(

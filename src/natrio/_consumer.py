@@ -79,6 +79,7 @@ class PullConsumer:
         self._last_activity = 0.0
         self._paused_until = 0.0
         self._backoff = 0.0
+        self._unanswered = 0
 
     # -- pulling ----------------------------------------------------------------------
 
@@ -86,6 +87,10 @@ class PullConsumer:
         if not self._pulling or self._inbox is None or self._gone is not None:
             return
         if self._paused_until and trio.current_time() < self._paused_until:
+            return
+        if not self.conn.connected:
+            # Queued in nats-py's reconnect buffer, every such pull would go out on
+            # reconnect and over-fill the window; the reconnect listener pulls once instead.
             return
         free = self.window - self.held - self.requested
         # Pull in halves of the window, but never sit idle with room and nothing asked for.
@@ -117,6 +122,7 @@ class PullConsumer:
         status = msg.status
         if status is None:
             self._backoff = 0.0
+            self._unanswered = 0
             if self.requested > 0:
                 self.requested -= 1
             self.held += 1
@@ -141,11 +147,15 @@ class PullConsumer:
             self._gone = f"400 {description}"
             return
         if status == "503":
-            # No one answered for the consumer (an election, a consumer not yet ready): the
-            # pull never registered. Forget it and pull again after a short backoff.
+            # No one answered for the consumer (an election, or the consumer is gone): the
+            # pull never registered. Pull again after a backoff; after a few in a row, make
+            # sure the consumer exists (recreating it is idempotent).
             self.requested = 0
-            self._backoff = min(self._backoff * 2, 2.0) if self._backoff else 0.1
-            self._paused_until = trio.current_time() + self._backoff
+            self._unanswered += 1
+            if self._unanswered >= 3:
+                self._unanswered = 0
+                self._gone = "pulls unanswered (503)"
+            self._back_off()
             return
         if status == "423":
             # Another client holds the pin: forget ours and keep pulling as a standby.
@@ -153,8 +163,18 @@ class PullConsumer:
         pending = msg.header("Nats-Pending-Messages")
         if pending is not None:
             self.requested = max(0, self.requested - int(pending))
+        elif status == "409":
+            # A rejected pull ("Exceeded MaxRequestBatch", "Exceeded MaxWaiting", ...):
+            # nothing will come for it. Ask afresh after a backoff.
+            log.warning("consumer %s: pull rejected: %s", self.name, description)
+            self.requested = 0
+            self._back_off()
         elif status not in ("404", "408"):
             log.warning("consumer %s: unexpected status %s %s", self.name, status, description)
+
+    def _back_off(self) -> None:
+        self._backoff = min(self._backoff * 2, 2.0) if self._backoff else 0.1
+        self._paused_until = trio.current_time() + self._backoff
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Pull until :meth:`stop`; started once the inbox exists and the first pull is sent."""
@@ -170,6 +190,18 @@ class PullConsumer:
             remove_listener()
             self._pulling = False
             with trio.CancelScope(shield=True):
+                # Drain rather than unsubscribe, also when cancelled: messages the server
+                # already sent must reach the sink (which NAKs them during shutdown), not
+                # vanish inside nats-py and wait out AckWait.
+                with trio.move_on_after(0.5):
+                    await inbox.drain()
+                while True:
+                    try:
+                        msg = inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    if msg.status is None:
+                        self._handle(msg)
                 await inbox.unsubscribe()
 
     async def _receive(self, inbox: Subscription) -> None:

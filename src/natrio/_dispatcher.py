@@ -65,7 +65,15 @@ class StepHooks(Protocol):
 class Delivery:
     """A task message from the moment it arrives until it is acked, NAK'd or terminated."""
 
-    __slots__ = ("cancelled_by_shutdown", "consumer", "last_progress", "msg", "route", "scope")
+    __slots__ = (
+        "cancelled_by_shutdown",
+        "consumer",
+        "last_progress",
+        "msg",
+        "route",
+        "scope",
+        "settled",
+    )
 
     def __init__(self, msg: Message, route: Route, consumer: PullConsumer, now: float) -> None:
         self.msg = msg
@@ -74,6 +82,8 @@ class Delivery:
         self.last_progress = now
         self.scope: trio.CancelScope | None = None
         self.cancelled_by_shutdown = False
+        # Whether an ack, NAK or TERM has been queued for it.
+        self.settled = False
 
 
 def read_task(msg: Message) -> Task:
@@ -231,18 +241,23 @@ class Dispatcher:
         async for delivery in self._receive:
             if self.stopping:
                 self.reporter.nak(delivery.msg)
+                delivery.settled = True
                 self._release(delivery)
                 continue
             self._running.add(delivery)
             try:
                 await self._execute(delivery)
-            except Exception:
-                # Nothing a task does may stop a runner; leave the task to be redelivered.
-                log.exception("dispatching %s failed; NAK'ing it", delivery.msg.subject)
-                if delivery in self._held:
-                    self.reporter.nak(delivery.msg, 1.0)
+            except BaseException as exc:
+                if not _is_failure(exc):
+                    raise
+                # Nothing a task does may stop a runner; the task is redelivered below.
+                log.exception("dispatching %s failed", delivery.msg.subject)
             finally:
                 self._running.discard(delivery)
+                if not delivery.settled and delivery in self._held:
+                    # No outcome could be recorded (a failed terminal call, a crash in the
+                    # dispatcher): hand the task back rather than let it wait out AckWait.
+                    self.reporter.nak(delivery.msg, 1.0)
                 self._release(delivery)
                 if self.stopping and not self._running:
                     self._all_done.set()
@@ -268,6 +283,7 @@ class Dispatcher:
             self.logger.warning("dead-lettering malformed task on %s: %s", msg.subject, exc)
             with trio.CancelScope(shield=True):
                 await self.reporter.malformed(msg, str(exc))
+            delivery.settled = True
             self.dead += 1
             return
         route = delivery.route
@@ -275,6 +291,7 @@ class Dispatcher:
             with trio.CancelScope(shield=True):
                 task = await self._account_for_pauses(task)
                 if await self.reporter.finish_if_done(task, msg):
+                    delivery.settled = True
                     return
         policy = task.retry or route.retry or self.default_retry
         ctx = TaskContext(
@@ -315,13 +332,20 @@ class Dispatcher:
                         result = await call(Invocation(task, ctx))
                     if timer.cancelled_caught:
                         raise HandlerTimeout(f"the handler did not finish within {route.timeout} s")
-            except ExecutionPaused:
-                pass
-            except Exception as exc:
-                if ctx.finished:
-                    ctx.logger.warning("handler raised after its outcome was recorded: %r", exc)
+            except BaseException as exc:
+                failure = _without_pause(exc)
+                if failure is None:
+                    pass  # ctx.pause() ended the execution, possibly from inside a nursery
+                elif not _is_failure(failure):
+                    raise
+                elif not ctx.finished:
+                    await ctx.fail(failure)
+                elif delivery.settled:
+                    ctx.logger.warning("handler raised after its outcome was recorded: %r", failure)
                 else:
-                    await ctx.fail(exc)
+                    ctx.logger.error(
+                        "recording the outcome failed (%r); the task will be redelivered", failure
+                    )
             else:
                 if not ctx.finished:
                     await ctx.complete(result)
@@ -329,6 +353,7 @@ class Dispatcher:
             return
         if delivery.cancelled_by_shutdown:
             self.reporter.nak(msg)
+            delivery.settled = True
         else:
             message = "the task's deadline passed while it ran"
             await self._dead(
@@ -362,6 +387,7 @@ class Dispatcher:
                 "step hook %s failed; the task will be redelivered in %.3f s", name, delay
             )
             self.reporter.nak(delivery.msg, delay)
+            delivery.settled = True
             return False
         return True
 
@@ -384,6 +410,7 @@ class Dispatcher:
             payload, headers = await self.reporter.dead(ctx.task, delivery.msg, error)
             await self._clear_state(delivery, ctx)
             self.reporter.term(delivery.msg)
+            delivery.settled = True
             self.reporter.announce(ctx.task, payload, headers)
         self.dead += 1
 
@@ -399,6 +426,7 @@ class Dispatcher:
             headers = await self.reporter.completed(ctx.task, payload)
             await self._clear_state(delivery, ctx)
             self.reporter.ack(delivery.msg)
+            delivery.settled = True
             self.reporter.announce(ctx.task, payload, headers)
         self.processed += 1
 
@@ -451,6 +479,7 @@ class Dispatcher:
             delay,
         )
         self.reporter.failed(task, delivery.msg, error, delay)
+        delivery.settled = True
         self.retried += 1
 
     async def _pause(self, delivery: Delivery, ctx: TaskContext, delay: float) -> None:
@@ -459,6 +488,7 @@ class Dispatcher:
             await self.state.record_pause(task.run_id, task.step_id, task.seq, task.delivered)
         self.reporter.paused(task, delay)
         self.reporter.nak(delivery.msg, delay)
+        delivery.settled = True
 
     async def _continue(self, delivery: Delivery, ctx: TaskContext, output: object) -> None:
         task = ctx.task
@@ -477,6 +507,7 @@ class Dispatcher:
             return
         with trio.CancelScope(shield=True):
             await self.reporter.continued(task, delivery.msg, payload)
+        delivery.settled = True
         self.processed += 1
 
     # -- shutdown ---------------------------------------------------------------------
@@ -494,6 +525,7 @@ class Dispatcher:
             except trio.WouldBlock:
                 break
             self.reporter.nak(delivery.msg)
+            delivery.settled = True
             self._release(delivery)
         if self._running:
             with trio.move_on_after(grace):
@@ -510,9 +542,11 @@ class Dispatcher:
                     delivery.scope.cancel()
             with trio.move_on_after(0.5):
                 await self._all_done.wait()
-        # Anything still held (a handler that ignores cancellation) goes back now.
+        # Anything still held and unsettled (a handler that ignores cancellation) goes back now.
         for delivery in list(self._held):
-            self.reporter.nak(delivery.msg)
+            if not delivery.settled:
+                self.reporter.nak(delivery.msg)
+                delivery.settled = True
             self._release(delivery)
         self._keep_alive_scope.cancel()
 
@@ -561,3 +595,20 @@ class _Finish:
         self._dispatcher.reporter.conn.publish_nowait(
             wire.stream_subject(ctx.run_id, ctx.step_id), data
         )
+
+
+def _without_pause(exc: BaseException) -> BaseException | None:
+    """``exc`` less any ExecutionPaused in it (also inside exception groups), or None."""
+    if isinstance(exc, ExecutionPaused):
+        return None
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(ExecutionPaused)[1]
+    return exc
+
+
+def _is_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a task's failure (an Exception, or a group of only those).
+
+    Cancellation, KeyboardInterrupt and SystemExit are not: they must propagate.
+    """
+    return isinstance(exc, Exception)

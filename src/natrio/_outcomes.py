@@ -22,7 +22,7 @@ import trio
 
 from . import _wire as wire
 from ._bridge import Connection, Message
-from ._errors import ConnectionClosed, Fatal, NatrioError, RequestTimeout, Retryable
+from ._errors import ConnectionClosed, Fatal, NoResponders, RequestTimeout, Retryable
 from ._jetstream import JetStream
 from ._retry import RetryPolicy
 
@@ -201,7 +201,9 @@ class Reporter:
             try:
                 await self.js.publish(subject, payload, headers=headers)
                 return
-            except (RequestTimeout, ConnectionClosed, NatrioError) as exc:
+            except (RequestTimeout, ConnectionClosed, NoResponders) as exc:
+                # Transient: reconnecting, a leader election. Anything else (a payload over
+                # the limit, a stream limit) will not get better by waiting.
                 if isinstance(exc, ConnectionClosed) and self.conn.closed:
                     raise
                 if trio.current_time() + delay > deadline:
@@ -357,16 +359,19 @@ class Reporter:
         self.term(msg)
 
     async def finish_if_done(self, task: Task, msg: Message) -> bool:
-        """If this very task message already completed or continued (a redelivery after a
-        crash between recording that and the ack), tell a waiting client again, ack, and
-        return True."""
-        for kind in (wire.COMPLETED, wire.CONTINUED):
+        """If this very task message already completed, continued or died (a redelivery
+        after a crash between recording that and the ack or TERM), tell a waiting client
+        again, settle the message the same way, and return True."""
+        for kind in (wire.COMPLETED, wire.CONTINUED, wire.DEAD):
             last = await self.js.last_message(
                 wire.EVENT_STREAM,
                 wire.event_subject(task.task_type, task.run_id, task.step_id, kind),
             )
             if last is None or last.header(wire.H_TASK_SEQ) != str(task.seq):
                 continue
+            if kind == wire.DEAD:
+                self.term(msg)  # dead-lettered already; only the TERM was lost
+                return True
             if kind == wire.COMPLETED and task.reply:
                 self.conn.publish_nowait(
                     task.reply,

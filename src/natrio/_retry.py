@@ -72,7 +72,12 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = self.initial_interval * self.backoff_coefficient ** max(attempt - 1, 0)
+        # Grow step by step and stop at the cap: a large attempt number must not overflow.
+        base = self.initial_interval
+        for _ in range(max(attempt - 1, 0)):
+            if base >= self.maximum_interval or self.backoff_coefficient == 1.0:
+                break
+            base *= self.backoff_coefficient
         base = min(base, self.maximum_interval)
         if self.jitter:
             base *= 1.0 + random.uniform(-self.jitter, self.jitter)

@@ -434,16 +434,18 @@ class Worker:
         try:
             with single_error():
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(dispatcher.run)
-                    for consumer in consumers:
-                        await nursery.start(consumer.run)
-                    await registration.register()
-                    nursery.start_soon(registration.heartbeat)
-                    log.info("worker %s serving %s", self.worker_id, ", ".join(self.task_types))
-                    task_status.started()
                     try:
+                        await nursery.start(dispatcher.run)
+                        for consumer in consumers:
+                            await nursery.start(consumer.run)
+                        await registration.register()
+                        nursery.start_soon(registration.heartbeat)
+                        log.info("worker %s serving %s", self.worker_id, ", ".join(self.task_types))
+                        task_status.started()
                         await self._stop.wait()
                     finally:
+                        # Also when starting failed: the dispatcher's shielded keep-alive
+                        # loop ends only here.
                         with trio.CancelScope(shield=True):
                             await self._shutdown(dispatcher, consumers, registration)
                         nursery.cancel_scope.cancel()
