@@ -83,20 +83,19 @@ async def test_consumer_deleted_while_no_pull_waits_is_recreated(
 ) -> None:
     worker = natrio_worker_factory(concurrency=1, prefetch=1)
     release = trio.Event()
+    holding = trio.Event()
 
     @worker.handle("t")
     async def t(ctx: natrio.TaskContext) -> bytes:
         if ctx.input == b"first":
+            holding.set()
             await release.wait()
         return ctx.input
 
     await natrio_worker_factory.start(worker)
     first = await natrio_client.submit("t", b"first", run_id="a")
     with trio.fail_after(5):
-        while (await natrio_client.js.consumer_info("NATRIO_TASKS", "t~default"))[
-            "num_ack_pending"
-        ] == 0:  # noqa: ASYNC110 - server state, no event to wait on
-            await trio.sleep(0.02)
+        await holding.wait()
     # The window is full, so no pull is waiting on the server to hear "Consumer Deleted".
     await natrio_client.js.delete_consumer("NATRIO_TASKS", "t~default")
     release.set()
