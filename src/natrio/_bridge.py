@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import os
+import ssl
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -415,6 +416,23 @@ class Connection:
             await self._aio(self._nc.close)()
 
 
+class _Refused(Exception):
+    """The server refused us for good (credentials, TLS): raised out of nats-py's connect."""
+
+    def __init__(self, reason: Exception) -> None:
+        super().__init__(type(reason).__name__)
+        self.reason = reason
+
+
+def _refused(exc: Exception) -> bool:
+    # nats-py reports a refused CONNECT as a plain nats.errors.Error whose text names the
+    # violation, and TLS failures as ssl errors.
+    if isinstance(exc, nats.errors.AuthorizationError | ssl.SSLError):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
 def _urls(url: str | Sequence[str] | None) -> list[str]:
     if url is None:
         url = os.environ.get("NATRIO_URL") or DEFAULT_URL
@@ -460,9 +478,10 @@ async def _open_connection(
 
         async def error_cb(exc: Exception) -> None:
             state["last_error"] = exc
-            if not state["connected"] and isinstance(exc, nats.errors.AuthorizationError):
-                # Wrong credentials will not get better by retrying: fail the first connect.
-                raise exc
+            if not state["connected"] and _refused(exc):
+                # Wrong credentials or certificates will not get better by retrying: fail
+                # the first connect now instead of trying until connect_timeout.
+                raise _Refused(exc)
             if state["connected"]:
                 log.warning(
                     "NATS connection to %s: %s", shown, redact(str(exc)) or type(exc).__name__
@@ -495,8 +514,18 @@ async def _open_connection(
                     reconnected_cb=reconnected_cb,
                     **options,
                 )
-            except nats.errors.AuthorizationError as exc:
-                raise ConnectError(f"could not connect to {shown}: authorization failed") from exc
+            except _Refused as refused:
+                cause = refused.reason
+                detail = (
+                    "TLS handshake failed"
+                    if isinstance(cause, ssl.SSLError)
+                    else "authorization failed"
+                )
+                raise ConnectError(
+                    f"could not connect to {shown}: {detail} ({type(cause).__name__})"
+                ) from None
+            except nats.errors.AuthorizationError:
+                raise ConnectError(f"could not connect to {shown}: authorization failed") from None
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 raise ConnectError(
                     f"could not connect to {shown}: {redact(str(exc)) or type(exc).__name__}"
