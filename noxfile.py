@@ -9,7 +9,14 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-trio>=0.8",
+    "hypothesis>=6.100",
+    # The auth scenarios make their own CA and certificates, and nkeys.
+    "cryptography>=42",
+    "nkeys>=0.2",
+]
 
 
 @nox.session

@@ -522,7 +522,7 @@ async def _open_connection(
                     else "authorization failed"
                 )
                 raise ConnectError(
-                    f"could not connect to {shown}: {detail} ({type(cause).__name__})"
+                    f"could not connect to {shown}: {detail} ({redact(str(cause)) or type(cause).__name__})"
                 ) from None
             except nats.errors.AuthorizationError:
                 raise ConnectError(f"could not connect to {shown}: authorization failed") from None

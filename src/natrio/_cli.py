@@ -257,7 +257,7 @@ async def _provision(url: str, connect_timeout: float) -> None:
         _urls(url), connect_timeout=connect_timeout, name="natrio provision"
     ) as nc:
         await natrio.provision(nc)
-    _say(f"provisioned {url}", "green")
+        _say(f"provisioned {nc.url}", "green")
 
 
 # -- natrio worker ------------------------------------------------------------------------

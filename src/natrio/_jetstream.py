@@ -115,9 +115,12 @@ class JetStream:
     async def ensure_consumer(self, stream: str, config: Mapping[str, Any]) -> dict[str, Any]:
         """Create the durable consumer, or update it to ``config`` when it exists."""
         name = config["durable_name"]
-        return await self.api(
-            f"CONSUMER.CREATE.{stream}.{name}", {"stream_name": stream, "config": dict(config)}
-        )
+        subject = f"CONSUMER.CREATE.{stream}.{name}"
+        if "filter_subject" in config:
+            # The filter in the subject too: then the server rejects a body that differs,
+            # and permissions on this subject pin what the consumer may ever read.
+            subject += f".{config['filter_subject']}"
+        return await self.api(subject, {"stream_name": stream, "config": dict(config)})
 
     async def consumer_info(self, stream: str, name: str) -> dict[str, Any]:
         """The consumer's config and state (delivered, ack pending, waiting pulls)."""
@@ -133,8 +136,9 @@ class JetStream:
 
     async def last_message(self, stream: str, subject: str) -> Message | None:
         """The last message stored on ``subject`` (a direct get), or None when there is none."""
-        body = json.dumps({"last_by_subj": subject}).encode()
-        msg = await self._request(f"{API}.DIRECT.GET.{stream}", body)
+        # The subject in the request subject (not the body), so that permissions can
+        # scope who may read what.
+        msg = await self._request(f"{API}.DIRECT.GET.{stream}.{subject}", b"")
         status = msg.status
         if status == "404":
             return None
