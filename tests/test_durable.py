@@ -4,7 +4,6 @@ timeouts, middleware and step hooks."""
 from __future__ import annotations
 
 import json
-import signal
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from natrio._outcomes import Reporter
 from natrio.testing import WorkerFactory
 
 from .helpers import event_counts
-from .test_shutdown import read_line, worker_process
+from .test_shutdown import submit_then_kill
 
 FAST = natrio.RetryPolicy(initial_interval=0.1, backoff_coefficient=1.0, maximum_attempts=5)
 
@@ -36,13 +35,9 @@ async def test_checkpoint_survives_a_sigkill_and_a_move(
     natrio_client: natrio.Client,
     natrio_worker_factory: WorkerFactory,
 ) -> None:
-    buffer = bytearray()
-    async with worker_process(natrio_server.url, ack_wait=1.0, grace=0.0) as process:
-        await read_line(process, "READY", buffer)
-        handle = await natrio_client.submit("resumable", run_id="job")
-        await read_line(process, "CHECKPOINTED 3", buffer)
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
+    handle, _ = await submit_then_kill(
+        natrio_server.url, natrio_client, "resumable", "CHECKPOINTED 3", run_id="job"
+    )
     assert await checkpoint_value(natrio_connection, "job", "resumable") == b"3"
     worker = natrio_worker_factory(ack_wait=1.0)
     attempts: list[int] = []
@@ -267,13 +262,9 @@ async def test_agent_loop_survives_a_sigkilled_worker(
     natrio_client: natrio.Client,
     natrio_worker_factory: WorkerFactory,
 ) -> None:
-    buffer = bytearray()
-    async with worker_process(natrio_server.url, ack_wait=1.0, grace=0.0) as process:
-        await read_line(process, "READY", buffer)
-        handle = await natrio_client.submit("loop", b"", run_id="crash")
-        await read_line(process, "ITERATION 10", buffer)
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
+    handle, _ = await submit_then_kill(
+        natrio_server.url, natrio_client, "loop", "ITERATION 10", run_id="crash"
+    )
     worker = natrio_worker_factory(ack_wait=1.0)
     seen: list[int] = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -167,19 +167,41 @@ async def read_line(process: trio.Process, prefix: str, buffer: bytearray) -> st
             buffer.extend(chunk)
 
 
+async def submit_then_kill(
+    url: str,
+    client: natrio.Client,
+    task_type: str,
+    line: str,
+    *,
+    run_id: str,
+    step_id: str | None = None,
+    payload: bytes = b"",
+    before_kill: Callable[[natrio.TaskHandle], Awaitable[None]] | None = None,
+) -> tuple[natrio.TaskHandle, str]:
+    """Submit a task to a worker process (ack_wait 1 s) and SIGKILL the process once it
+    prints ``line``; returns the handle and that line."""
+    buffer = bytearray()
+    async with worker_process(url, ack_wait=1.0, grace=0.0) as process:
+        await read_line(process, "READY", buffer)
+        handle = await client.submit(task_type, payload, run_id=run_id, step_id=step_id)
+        seen = await read_line(process, line, buffer)
+        if before_kill is not None:
+            await before_kill(handle)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    return handle, seen
+
+
 async def test_sigkilled_worker_task_completes_elsewhere_exactly_once(
     natrio_server: natrio.EmbeddedServer,
     natrio_connection: natrio.Connection,
     natrio_client: natrio.Client,
     natrio_worker_factory: WorkerFactory,
 ) -> None:
-    buffer = bytearray()
-    async with worker_process(natrio_server.url, ack_wait=1.0, grace=0.0) as process:
-        await read_line(process, "READY", buffer)
-        handle = await natrio_client.submit("hold", run_id="victim")
-        assert (await read_line(process, "STARTED", buffer)).split() == ["STARTED", "victim", "1"]
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
+    handle, started = await submit_then_kill(
+        natrio_server.url, natrio_client, "hold", "STARTED", run_id="victim"
+    )
+    assert started.split() == ["STARTED", "victim", "1"]
     seen: list[tuple[str, int, float]] = []
     await natrio_worker_factory.start(finishing_worker(natrio_worker_factory, seen, ack_wait=1.0))
     assert await handle.result() == b"finished"
@@ -196,11 +218,7 @@ async def test_crash_between_completion_event_and_ack(
     natrio_client: natrio.Client,
     natrio_worker_factory: WorkerFactory,
 ) -> None:
-    buffer = bytearray()
-    async with worker_process(natrio_server.url, ack_wait=1.0, grace=0.0) as process:
-        await read_line(process, "READY", buffer)
-        handle = await natrio_client.submit("hold", run_id="r", step_id="s")
-        await read_line(process, "STARTED", buffer)
+    async def store_completion(handle: natrio.TaskHandle) -> None:
         # The state a crash right after the completion event was stored leaves behind.
         assert handle.seq is not None
         await natrio_client.js.publish(
@@ -212,8 +230,16 @@ async def test_crash_between_completion_event_and_ack(
                 "Natrio-Outcome": "completed",
             },
         )
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
+
+    handle, _ = await submit_then_kill(
+        natrio_server.url,
+        natrio_client,
+        "hold",
+        "STARTED",
+        run_id="r",
+        step_id="s",
+        before_kill=store_completion,
+    )
     seen: list[tuple[str, int, float]] = []
     acks = await natrio_connection.subscribe("$JS.ACK.NATRIO_TASKS.>")
     await natrio_worker_factory.start(finishing_worker(natrio_worker_factory, seen, ack_wait=1.0))
