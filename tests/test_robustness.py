@@ -131,3 +131,39 @@ def test_redact_hides_passwords_with_at_and_slash() -> None:
 def test_backoff_does_not_overflow() -> None:
     policy = natrio.RetryPolicy(maximum_attempts=0)
     assert policy.delay(5000) == policy.maximum_interval
+
+
+async def test_shutdowns_do_not_use_up_attempts(
+    natrio_connection: natrio.Connection, natrio_client: natrio.Client
+) -> None:
+    attempts: list[int] = []
+    started = trio.Event()
+
+    def make_worker() -> natrio.Worker:
+        worker = natrio.Worker(
+            natrio_connection,
+            concurrency=1,
+            prefetch=4,
+            retry=natrio.RetryPolicy(maximum_attempts=2),
+        )
+
+        @worker.handle("patient")
+        async def patient(ctx: natrio.TaskContext) -> bytes:
+            attempts.append(ctx.attempt)
+            started.set()
+            await trio.sleep(30)
+            return b""
+
+        return worker
+
+    handles = [await natrio_client.submit("patient", run_id=f"p{i}") for i in range(3)]
+    # Three rolling restarts: each hands its running and queued tasks back.
+    for _ in range(3):
+        started = trio.Event()
+        worker = make_worker()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await started.wait()
+            worker.stop(grace=0)
+    assert attempts == [1, 1, 1]
+    assert all(not h.duplicate for h in handles)

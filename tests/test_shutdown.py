@@ -83,7 +83,8 @@ async def test_stop_is_bounded_and_unfinished_tasks_move_at_once(
     results = [await h.result() for h in handles]
     assert results == [b"finished"] * 6
     assert max(t for _, _, t in seen) - ready_at < 1.0
-    assert {run_id for run_id, attempt, _ in seen if attempt == 2} >= set(started)
+    # Handed back by a shutdown, not failed: still the first attempt.
+    assert {run_id for run_id, attempt, _ in seen if attempt == 1} >= set(started)
     assert sum((await event_counts(natrio_connection, "completed")).values()) == 6
     assert await natrio.list_workers(natrio_connection) == [
         w for w in await natrio.list_workers(natrio_connection) if w.worker_id == other.worker_id
@@ -271,6 +272,6 @@ async def test_sigterm_exits_within_grace_and_hands_over(
     await natrio_worker_factory.start(finishing_worker(natrio_worker_factory, seen))
     ready = trio.current_time()
     assert await handle.result() == b"finished"
-    assert seen[0][:2] == ("t", 2)
+    assert seen[0][:2] == ("t", 1)
     assert seen[0][2] - ready < 1.0
     assert ready - signalled < 30  # well before AckWait would have released it

@@ -240,8 +240,7 @@ class Dispatcher:
     async def _runner(self) -> None:
         async for delivery in self._receive:
             if self.stopping:
-                self.reporter.nak(delivery.msg)
-                delivery.settled = True
+                await self._return(delivery)
                 self._release(delivery)
                 continue
             self._running.add(delivery)
@@ -352,22 +351,34 @@ class Dispatcher:
         if ctx.finished:
             return
         if delivery.cancelled_by_shutdown:
-            self.reporter.nak(msg)
-            delivery.settled = True
+            await self._return(delivery)
         else:
             message = "the task's deadline passed while it ran"
             await self._dead(
                 delivery, ctx, TaskError("DeadlineExceeded", message, "", "deadline", task.attempt)
             )
 
+    async def _return(self, delivery: Delivery) -> None:
+        # Handed back by a shutdown, not failed: record that (briefly, best effort) so the
+        # redelivery does not count as another attempt, then NAK for another worker.
+        with trio.CancelScope(shield=True), trio.move_on_after(0.2):
+            try:
+                task = read_task(delivery.msg)
+                await self.state.record_return(task.run_id, task.step_id, task.seq)
+            except NatrioError as exc:
+                log.debug("could not record the return of %s: %r", delivery.msg.subject, exc)
+        self.reporter.nak(delivery.msg)
+        delivery.settled = True
+
     async def _account_for_pauses(self, task: Task) -> Task:
-        # Pauses are NAKs, which the server counts as deliveries: take them back out.
+        # Pauses and shutdown returns are NAKs, which the server counts as deliveries:
+        # take them back out.
         record = await self.state.pause_record(task.run_id, task.step_id, task.seq)
         if record is None:
             return task
         return attrs.evolve(
             task,
-            attempt=max(1, task.delivered - record.pauses),
+            attempt=max(1, task.delivered - record.pauses - record.returns),
             resumed=task.delivered == record.delivered_at_last_pause + 1,
         )
 
@@ -515,21 +526,28 @@ class Dispatcher:
     async def shutdown(self, grace: float) -> None:
         """NAK every queued task at once, give running handlers ``grace`` seconds, cancel the rest.
 
-        Returns within ``grace`` + 0.5 s. Cancelled handlers' tasks are NAK'd so another
-        worker takes them immediately.
+        Returns within ``grace`` + 0.6 s. Tasks handed back this way are recorded as
+        returns (not attempts) and NAK'd, so another worker takes them immediately.
         """
         self.stopping = True
+        queued: list[Delivery] = []
         while True:
             try:
-                delivery = self._receive.receive_nowait()
+                queued.append(self._receive.receive_nowait())
             except trio.WouldBlock:
                 break
-            self.reporter.nak(delivery.msg)
-            delivery.settled = True
+
+        async def hand_back(delivery: Delivery) -> None:
+            await self._return(delivery)
             self._release(delivery)
-        if self._running:
-            with trio.move_on_after(grace):
-                await self._all_done.wait()
+
+        async with trio.open_nursery() as nursery:
+            # Queued tasks go back at once, while running handlers get their grace.
+            for delivery in queued:
+                nursery.start_soon(hand_back, delivery)
+            if self._running:
+                with trio.move_on_after(grace):
+                    await self._all_done.wait()
         if self._running:
             self.logger.warning(
                 "cancelling %d handler(s) still running after %.1f s grace",
@@ -540,7 +558,7 @@ class Dispatcher:
                 delivery.cancelled_by_shutdown = True
                 if delivery.scope is not None:
                     delivery.scope.cancel()
-            with trio.move_on_after(0.5):
+            with trio.move_on_after(0.4):
                 await self._all_done.wait()
         # Anything still held and unsettled (a handler that ignores cancellation) goes back now.
         for delivery in list(self._held):

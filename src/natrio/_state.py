@@ -22,15 +22,16 @@ class SignalTimeout(NatrioError):
 
 @attrs.frozen
 class PauseRecord:
-    """How often one task message was paused, and at which delivery last.
+    """How often one task message was handed back without failing, and when it last paused.
 
-    Pauses are NAKs, which the server counts as deliveries; subtracting them keeps the
-    attempt number (and the retry budget) what it was before the pause.
+    Pauses and shutdown returns are NAKs, which the server counts as deliveries;
+    subtracting them keeps the attempt number (and the retry budget) what it was.
     """
 
     seq: int
     pauses: int
     delivered_at_last_pause: int
+    returns: int = 0
 
     def to_json(self) -> bytes:
         """The record as stored."""
@@ -80,11 +81,17 @@ class StepState:
 
     async def record_pause(self, run_id: str, step_id: str, seq: int, delivered: int) -> None:
         """Count one more pause of this task message, at delivery ``delivered``."""
-        previous = await self.pause_record(run_id, step_id, seq)
-        pauses = previous.pauses + 1 if previous else 1
-        await self.checkpoints.put(
-            wire.pause_key(run_id, step_id), PauseRecord(seq, pauses, delivered).to_json()
+        previous = await self.pause_record(run_id, step_id, seq) or PauseRecord(seq, 0, 0)
+        record = attrs.evolve(
+            previous, pauses=previous.pauses + 1, delivered_at_last_pause=delivered
         )
+        await self.checkpoints.put(wire.pause_key(run_id, step_id), record.to_json())
+
+    async def record_return(self, run_id: str, step_id: str, seq: int) -> None:
+        """Count one more shutdown return (a NAK that was no failure) of this task message."""
+        previous = await self.pause_record(run_id, step_id, seq) or PauseRecord(seq, 0, 0)
+        record = attrs.evolve(previous, returns=previous.returns + 1)
+        await self.checkpoints.put(wire.pause_key(run_id, step_id), record.to_json())
 
     # -- signals ----------------------------------------------------------------------
 

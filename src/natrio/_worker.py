@@ -468,12 +468,12 @@ class Worker:
                 for consumer in consumers:
                     nursery.start_soon(consumer.stop)
         await dispatcher.shutdown(grace)
-        with trio.move_on_after(0.2):
+        with trio.move_on_after(0.15):
             try:
                 await registration.deregister()
             except NatrioError as exc:
                 log.warning("could not delete directory entry: %r", exc)
-        with trio.move_on_after(0.1), suppress(NatrioError):
+        with trio.move_on_after(0.05), suppress(NatrioError):
             await self.nc.flush()
 
     def stop(self, grace: float | None = None) -> None:
