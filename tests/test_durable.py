@@ -551,3 +551,29 @@ async def test_bad_hooks_and_options_fail_at_construction(
 
 async def _noop(ctx: natrio.TaskContext) -> bytes:
     return b""
+
+
+async def test_hung_hook_times_out_and_the_task_is_redelivered(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    calls: list[str] = []
+
+    class SlowOnce:
+        async def on_step_done(self, task: natrio.Task, output: bytes) -> None:
+            calls.append(task.run_id)
+            if len(calls) == 1:
+                await trio.sleep(3600)
+
+        async def on_step_failed(self, task: natrio.Task, error: natrio.TaskError) -> None:
+            raise AssertionError("not expected")
+
+    worker = natrio_worker_factory(retry=FAST, hooks=SlowOnce(), hook_timeout=0.2)
+
+    @worker.handle("hooked")
+    async def hooked(ctx: natrio.TaskContext) -> bytes:
+        return b"ok"
+
+    await natrio_worker_factory.start(worker)
+    with trio.fail_after(10):
+        assert await (await natrio_client.submit("hooked", run_id="slow")).result() == b"ok"
+    assert calls == ["slow", "slow"]

@@ -50,7 +50,8 @@ class StepHooks(Protocol):
     """Observers of final outcomes: called exactly once per terminal outcome of a step.
 
     Never for an intermediate retry, a pause or an agent-loop iteration. A hook runs
-    before the outcome is recorded; if it raises, the task is NAK'd and redelivered
+    before the outcome is recorded, within the worker's ``hook_timeout``; if it raises or
+    times out, the task is NAK'd and redelivered
     rather than acknowledged, so no outcome is lost (a hook may therefore see a step
     again after a crash: make it idempotent).
     """
@@ -170,11 +171,13 @@ class Dispatcher:
         state: StepState | None = None,
         middleware: Sequence[Middleware] = (),
         hooks: StepHooks | None = None,
+        hook_timeout: float = 10.0,
     ) -> None:
         self.reporter = reporter
         self.state = state or StepState(reporter.conn)
         self.middleware = tuple(middleware)
         self.hooks = hooks
+        self.hook_timeout = hook_timeout
         self._calls: dict[str, Next] = {}
         self.concurrency = concurrency
         self.default_retry = default_retry
@@ -391,7 +394,10 @@ class Dispatcher:
         if hook is None:
             return True
         try:
-            await hook(ctx.task, value)
+            # Bounded, like everything on the way to an outcome: a hung hook must not hold
+            # the task (or a shutdown) forever.
+            with trio.fail_after(self.hook_timeout):
+                await hook(ctx.task, value)
         except Exception:
             delay = ctx.policy.delay(ctx.task.attempt)
             ctx.logger.exception(
@@ -554,6 +560,9 @@ class Dispatcher:
                 len(self._running),
                 grace,
             )
+            # Outcomes being recorded right now get as long as the handlers do to unwind.
+            self.reporter.hard_deadline = trio.current_time() + 0.4
+            self.hook_timeout = 0.4
             for delivery in list(self._running):
                 delivery.cancelled_by_shutdown = True
                 if delivery.scope is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import traceback as tb
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -155,6 +156,8 @@ class Reporter:
         # How long to keep retrying a durable publish (server restarting, leader moving)
         # before leaving the task to be redelivered.
         self.durable_patience = 30.0
+        # Set by a shutdown that has run out of grace: no retrying past it.
+        self.hard_deadline = math.inf
 
     # -- acks -------------------------------------------------------------------------
 
@@ -198,6 +201,7 @@ class Reporter:
         deadline = trio.current_time() + self.durable_patience
         delay = 0.05
         while True:
+            deadline = min(deadline, self.hard_deadline)
             try:
                 await self.js.publish(subject, payload, headers=headers)
                 return

@@ -87,7 +87,8 @@ class Worker:
     - ``middleware``: wrappers around every handler call, first outermost (see
       :mod:`natrio.middleware`); add more with :meth:`use`.
     - ``hooks``: an object with async ``on_step_done(task, output)`` and
-      ``on_step_failed(task, error)``, called once per terminal outcome.
+      ``on_step_failed(task, error)``, called once per terminal outcome; each call gets
+      ``hook_timeout`` seconds (default 10), after which it counts as failed.
 
     Invalid options raise ConfigurationError here, invalid registrations in
     :meth:`handle`.
@@ -107,6 +108,7 @@ class Worker:
         logger: logging.Logger | None = None,
         middleware: Iterable[Middleware] = (),
         hooks: StepHooks | None = None,
+        hook_timeout: float = 10.0,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -151,6 +153,8 @@ class Worker:
             if hooks is not None and not inspect.iscoroutinefunction(getattr(hooks, method, None)):
                 raise ConfigurationError(f"hooks must have an async {method}(task, ...) method")
         self.hooks = hooks
+        _positive("hook_timeout")(None, None, hook_timeout)
+        self.hook_timeout = float(hook_timeout)
         self._routes: dict[str, Route] = {}
         self._token = secrets.token_hex(6)
         self._hostname = socket.gethostname()
@@ -408,6 +412,7 @@ class Worker:
             logger=self.logger,
             middleware=self._middleware,
             hooks=self.hooks,
+            hook_timeout=self.hook_timeout,
         )
         self._dispatcher = dispatcher
         js = JetStream(self.nc)
