@@ -187,7 +187,6 @@ class Connection:
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._closed = False
         self.reconnects = 0
-        self.published = 0
 
     # -- state ------------------------------------------------------------------------
 
@@ -343,7 +342,6 @@ class Connection:
                             waiter.event.set()
                         else:
                             log.warning("could not publish on %s: %r", subject, exc)
-                self.published += len(batch)
             self._drainer_idle = True
 
     # -- subscribing ------------------------------------------------------------------

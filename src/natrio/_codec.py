@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import types
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import cattrs
 from cattrs.preconf.json import make_converter
 
 from ._errors import NatrioError
-
-T = TypeVar("T")
 
 #: The converter natrio uses for typed inputs and outputs. Register hooks on it for
 #: types cattrs does not handle out of the box.
@@ -60,8 +58,3 @@ def decode(data: bytes, type_: Any) -> Any:
             else f"{type(exc).__name__}: {exc}"
         )
         raise DecodeError(f"cannot decode {name}: {details}") from None
-
-
-def decode_as(data: bytes, type_: type[T]) -> T:
-    """Typed wrapper around :func:`decode` for callers that pass a class."""
-    return cast(T, decode(data, type_))

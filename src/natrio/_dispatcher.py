@@ -305,17 +305,24 @@ class Dispatcher:
         )
         if policy.maximum_attempts and task.attempt > policy.maximum_attempts:
             # Delivered again after its last attempt ended without an outcome (a crash).
-            message = f"delivered {task.attempt} times; the policy allows {policy.maximum_attempts}"
             await self._dead(
                 delivery,
                 ctx,
-                TaskError("AttemptsExhausted", message, "", "exhausted", task.attempt),
+                _error(
+                    "AttemptsExhausted",
+                    f"delivered {task.attempt} times; the policy allows {policy.maximum_attempts}",
+                    "exhausted",
+                    task,
+                ),
             )
             return
         if task.deadline is not None and time.time() >= task.deadline:
-            message = "the task's deadline passed before it ran"
             await self._dead(
-                delivery, ctx, TaskError("DeadlineExceeded", message, "", "deadline", task.attempt)
+                delivery,
+                ctx,
+                _error(
+                    "DeadlineExceeded", "the task's deadline passed before it ran", "deadline", task
+                ),
             )
             return
         self.reporter.started(task)
@@ -356,9 +363,12 @@ class Dispatcher:
         if delivery.cancelled_by_shutdown:
             await self._return(delivery)
         else:
-            message = "the task's deadline passed while it ran"
             await self._dead(
-                delivery, ctx, TaskError("DeadlineExceeded", message, "", "deadline", task.attempt)
+                delivery,
+                ctx,
+                _error(
+                    "DeadlineExceeded", "the task's deadline passed while it ran", "deadline", task
+                ),
             )
 
     async def _return(self, delivery: Delivery) -> None:
@@ -510,11 +520,15 @@ class Dispatcher:
     async def _continue(self, delivery: Delivery, ctx: TaskContext, output: object) -> None:
         task = ctx.task
         if task.iteration >= delivery.route.max_iterations:
-            message = f"the agent loop reached max_iterations ({delivery.route.max_iterations})"
             await self._dead(
                 delivery,
                 ctx,
-                TaskError("MaxIterationsExceeded", message, "", "iterations", task.attempt),
+                _error(
+                    "MaxIterationsExceeded",
+                    f"the agent loop reached max_iterations ({delivery.route.max_iterations})",
+                    "iterations",
+                    task,
+                ),
             )
             return
         try:
@@ -639,3 +653,8 @@ def _is_failure(exc: BaseException) -> bool:
     Cancellation, KeyboardInterrupt and SystemExit are not: they must propagate.
     """
     return isinstance(exc, Exception)
+
+
+def _error(error_type: str, message: str, kind: str, task: Task) -> TaskError:
+    """A TaskError natrio itself raises (no exception, so no traceback)."""
+    return TaskError(error_type, message, "", kind, task.attempt)

@@ -37,15 +37,7 @@ class JetStream:
                 "JetStream is not enabled on this server (no responders on $JS.API); "
                 "start nats-server with -js"
             ) from None
-        reply: dict[str, Any] = json.loads(msg.data)
-        error = reply.get("error")
-        if error:
-            raise JetStreamError(
-                int(error.get("code", 0)),
-                int(error.get("err_code", 0)),
-                str(error.get("description", "")),
-            )
-        return reply
+        return _reply(msg)
 
     async def _request(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
@@ -73,15 +65,7 @@ class JetStream:
                 f"no stream answered for {subject}: it is not provisioned (run "
                 "natrio.provision()), or its stream has no leader right now"
             ) from None
-        reply: dict[str, Any] = json.loads(msg.data)
-        error = reply.get("error")
-        if error:
-            raise JetStreamError(
-                int(error.get("code", 0)),
-                int(error.get("err_code", 0)),
-                str(error.get("description", "")),
-            )
-        return reply
+        return _reply(msg)
 
     async def ensure_stream(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Create the stream, or update it to ``config`` when it exists."""
@@ -192,3 +176,16 @@ class KeyValue:
             if value is not None:
                 out[key] = value
         return out
+
+
+def _reply(msg: Message) -> dict[str, Any]:
+    """The JSON of a JetStream API reply; JetStreamError when it is an error reply."""
+    reply: dict[str, Any] = json.loads(msg.data)
+    error = reply.get("error")
+    if error:
+        raise JetStreamError(
+            int(error.get("code", 0)),
+            int(error.get("err_code", 0)),
+            str(error.get("description", "")),
+        )
+    return reply

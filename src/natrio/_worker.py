@@ -495,16 +495,14 @@ class Worker:
 
     def statistics(self) -> WorkerStatistics:
         """A snapshot of the dispatcher's counters and each consumer's window."""
-        dispatcher = self._dispatcher or Dispatcher(
-            Reporter(self.nc, self.worker_id),
-            concurrency=self.concurrency,
-            default_retry=self.retry,
-            logger=self.logger,
-        )
+        if self._dispatcher is not None:
+            counters = self._dispatcher.statistics()
+        else:
+            counters = DispatcherStatistics(self.concurrency, 0, 0, 0, 0, 0, 0)
         return WorkerStatistics(
             worker_id=self.worker_id,
             running=self._running,
-            dispatcher=dispatcher.statistics(),
+            dispatcher=counters,
             consumers={c.name: c.statistics() for c in self._consumers},
         )
 
