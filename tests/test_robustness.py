@@ -7,7 +7,7 @@ import pytest
 import trio
 
 import natrio
-from natrio._bridge import redact
+from natrio._asyncio.bridge import redact
 from natrio.testing import WorkerFactory
 
 from .helpers import consumer_state

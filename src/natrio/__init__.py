@@ -1,13 +1,13 @@
 """natrio: a Trio-native worker runtime for NATS JetStream.
 
 Everything public is exported here; the ``_modules`` behind it follow the way a task
-travels: ``_bridge`` (connection) → ``_consumer`` (continuous pull) → ``_dispatcher``
+travels: ``_asyncio.bridge`` (connection) → ``_consumer`` (continuous pull) → ``_dispatcher``
 (handlers under a concurrency bound) → ``_context`` (what a handler sees) →
 ``_outcomes`` (events, replies, dead letters, acks), with ``_worker``, ``_client``,
 ``_provision``, ``_directory``, ``_server`` and ``_cli`` beside them.
 """
 
-from ._bridge import Connection, Message, Subscription, connect
+from ._asyncio.bridge import Connection, Message, Subscription, connect
 from ._client import Client, StepStream, TaskHandle
 from ._codec import DecodeError, converter
 from ._context import ExecutionPaused, TaskContext

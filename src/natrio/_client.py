@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 import trio
 
 from . import _wire as wire
-from ._bridge import Connection, Message, Reply, Subscription
+from ._asyncio.bridge import Connection, Message, Reply, Subscription
 from ._codec import decode, encode
 from ._errors import ConfigurationError, TaskFailed
 from ._jetstream import JetStream
@@ -240,9 +240,18 @@ class Client:
         when = _deadline(deadline)
         message_headers: dict[str, str] = {}
         for key, value in (headers or {}).items():
-            if not isinstance(key, str) or not isinstance(value, str) or not key or ":" in key:
+            if (
+                not isinstance(key, str)
+                or not isinstance(value, str)
+                or not key
+                or ":" in key
+                or any(c.isspace() for c in key)
+                or "\r" in value
+                or "\n" in value
+            ):
                 raise ConfigurationError(
-                    f"headers must map names to strings, got {key!r}: {value!r}"
+                    "headers must map names (no ':' or whitespace) to single-line strings, "
+                    f"got {key!r}: {value!r}"
                 )
             message_headers[key] = value
         try:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._bridge import Connection, Message, Subscription
+from ._asyncio.bridge import Connection, Message, Subscription
 from ._errors import NatrioError
 
 log = logging.getLogger("natrio.consumer")
@@ -80,6 +80,7 @@ class PullConsumer:
         self._paused_until = 0.0
         self._backoff = 0.0
         self._unanswered = 0
+        self._rewatch = trio.Event()
 
     # -- pulling ----------------------------------------------------------------------
 
@@ -175,6 +176,7 @@ class PullConsumer:
     def _back_off(self) -> None:
         self._backoff = min(self._backoff * 2, 2.0) if self._backoff else 0.1
         self._paused_until = trio.current_time() + self._backoff
+        self._rewatch.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Pull until :meth:`stop`; started once the inbox exists and the first pull is sent."""
@@ -205,40 +207,51 @@ class PullConsumer:
                 await inbox.unsubscribe()
 
     async def _receive(self, inbox: Subscription) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            while True:
+                try:
+                    msg = await inbox.receive()
+                except trio.EndOfChannel:
+                    nursery.cancel_scope.cancel()
+                    return
+                self._handle(msg)
+                # Take whatever else has arrived before deciding about the next pull.
+                while True:
+                    try:
+                        msg = inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    self._handle(msg)
+                self._last_activity = trio.current_time()
+                if self._gone is not None:
+                    await self._recover()
+                self._pull()
+
+    async def _watch(self) -> None:
+        # Pulls again after silence (no heartbeat: the pulls were lost) and at the end of a
+        # backoff. A task of its own, so that receiving needs no cancel scope per message.
         silence = 2 * self._heartbeat
         while True:
             wake = self._last_activity + silence
             if self._paused_until:
                 wake = min(wake, self._paused_until)
-            with trio.move_on_at(wake) as scope:
-                try:
-                    msg = await inbox.receive()
-                except trio.EndOfChannel:
-                    return
-            if scope.cancelled_caught:
-                if self._paused_until and trio.current_time() >= self._paused_until:
-                    self._paused_until = 0.0
-                    self._pull()
-                    continue
-                self._last_activity = trio.current_time()
+            with trio.move_on_at(wake):
+                await self._rewatch.wait()
+                # A backoff began: look at the wake-up time again.
+                self._rewatch = trio.Event()
+                continue
+            now = trio.current_time()
+            if self._paused_until and now >= self._paused_until:
+                self._paused_until = 0.0
+                self._pull()
+            elif now >= self._last_activity + silence:
+                self._last_activity = now
                 if self.requested > 0:
                     log.debug(
                         "consumer %s: no heartbeat for %.1f s, pulling again", self.name, silence
                     )
                     self._reset()
-                continue
-            self._handle(msg)
-            # Take whatever else has arrived before deciding about the next pull.
-            while True:
-                try:
-                    msg = inbox.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                self._handle(msg)
-            self._last_activity = trio.current_time()
-            if self._gone is not None:
-                await self._recover()
-            self._pull()
 
     async def _recover(self) -> None:
         reason, self._gone = self._gone, None

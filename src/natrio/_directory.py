@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._bridge import Connection
+from ._asyncio.bridge import Connection
 from ._errors import JetStreamError, NatrioError
 from ._jetstream import STREAM_NOT_FOUND, JetStream, KeyValue
 

@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._bridge import Message
+from ._asyncio.bridge import Message
 from ._codec import DecodeError, encode
 from ._consumer import PullConsumer
 from ._context import ExecutionPaused, TaskContext
@@ -69,6 +69,7 @@ class Delivery:
     __slots__ = (
         "cancelled_by_shutdown",
         "consumer",
+        "ctx",
         "last_progress",
         "msg",
         "route",
@@ -82,6 +83,7 @@ class Delivery:
         self.consumer = consumer
         self.last_progress = now
         self.scope: trio.CancelScope | None = None
+        self.ctx: TaskContext | None = None
         self.cancelled_by_shutdown = False
         # Whether an ack, NAK or TERM has been queued for it.
         self.settled = False
@@ -233,36 +235,85 @@ class Dispatcher:
     # -- running ----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the runner tasks and the keep-alive loop until cancelled."""
+        """Run the runner tasks and the keep-alive loop until cancelled.
+
+        Runners are shielded (a handler is only ever cancelled by the dispatcher itself);
+        they end once :meth:`shutdown` has handed every task back, or at once when
+        cancelled while nothing runs.
+        """
         async with trio.open_nursery() as nursery:
             for _ in range(self.concurrency):
                 nursery.start_soon(self._runner)
             nursery.start_soon(self._keep_alive)
             task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Cancelled without a shutdown: queued tasks go back, and the runners end.
+                self.stopping = True
+                self._send.close()
 
     async def _runner(self) -> None:
-        async for delivery in self._receive:
-            if self.stopping:
-                await self._return(delivery)
-                self._release(delivery)
-                continue
-            self._running.add(delivery)
-            try:
-                await self._execute(delivery)
-            except BaseException as exc:
-                if not _is_failure(exc):
-                    raise
-                # Nothing a task does may stop a runner; the task is redelivered below.
-                log.exception("dispatching %s failed", delivery.msg.subject)
-            finally:
-                self._running.discard(delivery)
-                if not delivery.settled and delivery in self._held:
-                    # No outcome could be recorded (a failed terminal call, a crash in the
-                    # dispatcher): hand the task back rather than let it wait out AckWait.
-                    self.reporter.nak(delivery.msg, 1.0)
-                self._release(delivery)
-                if self.stopping and not self._running:
-                    self._all_done.set()
+        # One shielded scope serves delivery after delivery: a cancel scope per task cost
+        # more than the rest of the dispatcher. The dispatcher cancels it for a deadline,
+        # a handler timeout or a shutdown; the interrupted delivery is then dealt with and
+        # a fresh scope takes over.
+        receive = self._receive
+        while True:
+            with trio.CancelScope(shield=True) as scope:
+                while True:
+                    try:
+                        delivery = await receive.receive()
+                    except (trio.EndOfChannel, trio.ClosedResourceError):
+                        return
+                    delivery.scope = scope
+                    await self._serve(delivery, scope)
+
+    async def _serve(self, delivery: Delivery, scope: trio.CancelScope) -> None:
+        if self.stopping:
+            await self._return(delivery)
+            self._release(delivery)
+            return
+        self._running.add(delivery)
+        try:
+            await self._execute(delivery, scope)
+        except BaseException as exc:
+            if scope.cancel_called:
+                # Interrupted by a deadline or a shutdown: record that, out of reach of the
+                # cancellation, then let the cancellation end this runner scope.
+                with trio.CancelScope(shield=True):
+                    await self._interrupted(delivery)
+            if not _is_failure(exc):
+                raise
+            # Nothing a task does may stop a runner; the task is redelivered below.
+            log.exception("dispatching %s failed", delivery.msg.subject)
+        finally:
+            self._running.discard(delivery)
+            if not delivery.settled and delivery in self._held:
+                # No outcome could be recorded (a failed terminal call, a crash in the
+                # dispatcher): hand the task back rather than let it wait out AckWait.
+                self.reporter.nak(delivery.msg, 1.0)
+            self._release(delivery)
+            if self.stopping and not self._running:
+                self._all_done.set()
+
+    async def _interrupted(self, delivery: Delivery) -> None:
+        ctx = delivery.ctx
+        if ctx is not None and ctx.finished:
+            return  # its outcome was recorded (or is lost with the NAK that follows)
+        if delivery.cancelled_by_shutdown or ctx is None:
+            await self._return(delivery)
+        else:
+            await self._dead(
+                delivery,
+                ctx,
+                _error(
+                    "DeadlineExceeded",
+                    "the task's deadline passed while it ran",
+                    "deadline",
+                    ctx.task,
+                ),
+            )
 
     async def _keep_alive(self) -> None:
         # One loop keeps every held task alive, queued or running, with +WPI every ack_wait/3.
@@ -277,7 +328,7 @@ class Dispatcher:
                         delivery.last_progress = now
                         self.reporter.in_progress(delivery.msg)
 
-    async def _execute(self, delivery: Delivery) -> None:
+    async def _execute(self, delivery: Delivery, scope: trio.CancelScope) -> None:
         msg = delivery.msg
         try:
             task = read_task(msg)
@@ -327,49 +378,40 @@ class Dispatcher:
             return
         self.reporter.started(task)
         call = self._calls[route.task_type]
-        # Shielded: cancelling the worker's scope must not cut a handler short; the
-        # dispatcher cancels this scope itself after the shutdown grace period.
-        with trio.CancelScope(shield=True) as scope:
-            delivery.scope = scope
-            if task.deadline is not None:
-                scope.deadline = trio.current_time() + (task.deadline - time.time())
-            try:
-                if route.timeout is None:
-                    result = await call(Invocation(task, ctx))
-                else:
-                    with trio.move_on_after(route.timeout) as timer:
-                        result = await call(Invocation(task, ctx))
-                    if timer.cancelled_caught:
-                        raise HandlerTimeout(f"the handler did not finish within {route.timeout} s")
-            except BaseException as exc:
-                failure = _without_pause(exc)
-                if failure is None:
-                    pass  # ctx.pause() ended the execution, possibly from inside a nursery
-                elif not _is_failure(failure):
-                    raise
-                elif not ctx.finished:
-                    await ctx.fail(failure)
-                elif delivery.settled:
-                    ctx.logger.warning("handler raised after its outcome was recorded: %r", failure)
-                else:
-                    ctx.logger.error(
-                        "recording the outcome failed (%r); the task will be redelivered", failure
-                    )
+        delivery.ctx = ctx
+        if task.deadline is not None:
+            scope.deadline = trio.current_time() + (task.deadline - time.time())
+        try:
+            if route.timeout is None:
+                result = await call(Invocation(task, ctx))
             else:
-                if not ctx.finished:
-                    await ctx.complete(result)
-        if ctx.finished:
+                with trio.move_on_after(route.timeout) as timer:
+                    result = await call(Invocation(task, ctx))
+                if timer.cancelled_caught:
+                    raise HandlerTimeout(f"the handler did not finish within {route.timeout} s")
+        except BaseException as exc:
+            failure = _without_pause(exc)
+            if failure is None:
+                return  # ctx.pause() ended the execution, possibly from inside a nursery
+            if not _is_failure(failure) or scope.cancel_called:
+                raise
+            if not ctx.finished:
+                await ctx.fail(failure)
+            elif delivery.settled:
+                ctx.logger.warning("handler raised after its outcome was recorded: %r", failure)
+            else:
+                ctx.logger.error(
+                    "recording the outcome failed (%r); the task will be redelivered", failure
+                )
             return
-        if delivery.cancelled_by_shutdown:
-            await self._return(delivery)
-        else:
-            await self._dead(
-                delivery,
-                ctx,
-                _error(
-                    "DeadlineExceeded", "the task's deadline passed while it ran", "deadline", task
-                ),
-            )
+        if not ctx.finished:
+            # The common path, so without a shield of its own: the deadline is lifted and a
+            # shutdown leaves finished executions alone, so nothing cancels the recording
+            # (unless the handler returned despite being cancelled).
+            if task.deadline is not None:
+                scope.deadline = math.inf
+            ctx._claim("complete")
+            await self._complete(delivery, ctx, result, shield=scope.cancel_called)
 
     async def _return(self, delivery: Delivery) -> None:
         # Handed back by a shutdown, not failed: record that (briefly, best effort) so the
@@ -441,20 +483,32 @@ class Dispatcher:
             self.reporter.announce(ctx.task, payload, headers)
         self.dead += 1
 
-    async def _complete(self, delivery: Delivery, ctx: TaskContext, output: object) -> None:
+    async def _complete(
+        self, delivery: Delivery, ctx: TaskContext, output: object, *, shield: bool = True
+    ) -> None:
         try:
             payload = encode(output)
         except Exception as exc:
             await self._fail(delivery, ctx, exc, permanent=True, delay=None)
             return
-        with trio.CancelScope(shield=True):
-            if not await self._run_hook(delivery, ctx, "on_step_done", payload):
-                return
-            headers = await self.reporter.completed(ctx.task, payload)
-            await self._clear_state(delivery, ctx)
-            self.reporter.ack(delivery.msg)
-            delivery.settled = True
-            self.reporter.announce(ctx.task, payload, headers)
+        if shield:
+            # Called from inside the handler, where any scope of the handler's may be
+            # cancelled: the outcome is recorded regardless.
+            with trio.CancelScope(shield=True):
+                await self._record_completion(delivery, ctx, payload)
+        else:
+            await self._record_completion(delivery, ctx, payload)
+
+    async def _record_completion(
+        self, delivery: Delivery, ctx: TaskContext, payload: bytes
+    ) -> None:
+        if not await self._run_hook(delivery, ctx, "on_step_done", payload):
+            return
+        headers = await self.reporter.completed(ctx.task, payload)
+        await self._clear_state(delivery, ctx)
+        self.reporter.ack(delivery.msg)
+        delivery.settled = True
+        self.reporter.announce(ctx.task, payload, headers)
         self.processed += 1
 
     async def _fail(
@@ -554,7 +608,7 @@ class Dispatcher:
         while True:
             try:
                 queued.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
 
         async def hand_back(delivery: Delivery) -> None:
@@ -578,6 +632,8 @@ class Dispatcher:
             self.reporter.hard_deadline = trio.current_time() + 0.4
             self.hook_timeout = 0.4
             for delivery in list(self._running):
+                if delivery.ctx is not None and delivery.ctx.finished:
+                    continue  # recording its outcome, bounded by hard_deadline above
                 delivery.cancelled_by_shutdown = True
                 if delivery.scope is not None:
                     delivery.scope.cancel()
@@ -590,6 +646,8 @@ class Dispatcher:
                 delivery.settled = True
             self._release(delivery)
         self._keep_alive_scope.cancel()
+        # Runners wait for the next task inside their shields: closing the queue ends them.
+        self._send.close()
 
     def statistics(self) -> DispatcherStatistics:
         """Counters: queued, in flight, processed, failed attempts, retried, dead."""

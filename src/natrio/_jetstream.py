@@ -6,10 +6,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-import trio
-
-from ._bridge import Connection, Message
-from ._errors import JetStreamError, NatrioError, NoResponders, RequestTimeout
+from ._asyncio.bridge import Connection, Message
+from ._errors import JetStreamError, NatrioError, NoResponders
 
 API = "$JS.API"
 
@@ -42,9 +40,7 @@ class JetStream:
     async def _request(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
     ) -> Message:
-        with trio.move_on_after(self.timeout):
-            return await self.conn.request(subject, payload, headers=headers)
-        raise RequestTimeout(f"no reply to a request on {subject} within {self.timeout} s")
+        return await self.conn.request(subject, payload, headers=headers, timeout=self.timeout)
 
     async def publish(
         self,

@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._bridge import Connection, Message
+from ._asyncio.bridge import Connection, Message
 from ._errors import ConnectionClosed, Fatal, NoResponders, RequestTimeout, Retryable
 from ._jetstream import JetStream
 from ._retry import RetryPolicy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _wire as wire
-from ._bridge import Connection
+from ._asyncio.bridge import Connection
 from ._errors import ConfigurationError
 from ._jetstream import JetStream
 

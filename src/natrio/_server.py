@@ -27,7 +27,7 @@ from typing import IO, Any, Final
 
 import trio
 
-from ._bridge import Connection, connect
+from ._asyncio.bridge import Connection, connect
 from ._errors import ConfigurationError, ConnectError, ServerError
 
 __all__ = ["EmbeddedServer", "embedded_server", "find_nats_server"]

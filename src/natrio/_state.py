@@ -8,7 +8,7 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._bridge import Connection
+from ._asyncio.bridge import Connection
 from ._errors import NatrioError
 from ._jetstream import JetStream, KeyValue
 

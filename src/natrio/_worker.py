@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._bridge import Connection
+from ._asyncio.bridge import Connection
 from ._codec import DecodeError, decode
 from ._consumer import PullConsumer
 from ._context import TaskContext

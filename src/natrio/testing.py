@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from ._bridge import Connection, connect
+from ._asyncio.bridge import Connection, connect
 from ._client import Client
 from ._provision import provision
 from ._server import EmbeddedServer

@@ -1,0 +1,185 @@
+"""The plain nats-py programs ``natrio bench`` measures natrio against (asyncio, no Trio).
+
+- ``drain-a``: a worker as people write it: ``js.pull_subscribe`` + ``fetch(batch)``,
+  decode, the no-op, ``js.publish`` of the completion event (awaited), ``ack``.
+- ``drain-b``: the fastest plain nats-py loop we could write: a hand-built continuous
+  pull on a callback subscription, completion events published with
+  ``js.publish_async`` and awaited in batches, acks as plain publishes.
+- ``echo`` / ``request``: core NATS request/reply, the floor of any round trip.
+
+Each does exactly the work a natrio worker does for the same task (see
+``natrio._bench.workload``): the same decode and encode, the same completion event and
+headers, and the ack only after the event is stored. Run one with
+``python -m natrio._asyncio.baselines <name> --url URL [--count N]``; it prints its
+figures as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+import nats
+import nats.errors
+
+from .. import _wire as wire
+from .._bench.workload import CONSUMER, FILTER, Job, JobDone, completion, emit, rss_bytes
+from .._codec import decode, encode
+
+_NS = 1_000_000_000
+
+
+async def noop(job: Job) -> JobDone:
+    """The handler every contestant runs."""
+    return JobDone(job.n, True)
+
+
+async def drain_a(url: str, count: int, batch: int) -> dict[str, Any]:
+    """Baseline A: fetch a batch, then for each task publish its event, await it, ack."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    worker = f"baseline-a-{os.getpid()}"
+    psub = await js.pull_subscribe(FILTER, durable=CONSUMER, stream=wire.TASK_STREAM)
+    done = 0
+    started = time.perf_counter()
+    while done < count:
+        try:
+            msgs = await psub.fetch(batch, timeout=5)
+        except nats.errors.TimeoutError:
+            continue
+        for msg in msgs:
+            output = await noop(decode(msg.data, Job))
+            subject, headers = completion(msg.reply, msg.subject, worker)
+            await js.publish(subject, encode(output), headers=headers)
+            await msg.ack()
+            done += 1
+    await nc.flush()
+    elapsed = time.perf_counter() - started
+    await nc.close()
+    return {"tasks": done, "seconds": elapsed, "rate": done / elapsed, "batch": batch}
+
+
+async def drain_b(url: str, count: int, window: int) -> dict[str, Any]:
+    """Baseline B: continuous pull, events pipelined with publish_async, acks per batch."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    worker = f"baseline-b-{os.getpid()}"
+    inbox = nc.new_inbox()
+    pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{wire.TASK_STREAM}.{CONSUMER}"
+    options = {"expires": 30 * _NS, "idle_heartbeat": 5 * _NS}
+    state = {"requested": 0, "held": 0, "done": 0}
+    pending: list[tuple[asyncio.Future[Any], str]] = []
+    ready = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def pull() -> None:
+        free = window - state["held"] - state["requested"]
+        if free >= window // 2 or (free > 0 and state["requested"] == 0):
+            state["requested"] += free
+            body = json.dumps(dict(options, batch=free)).encode()
+            await nc.publish(pull_subject, body, reply=inbox)
+
+    async def on_message(msg: Any) -> None:
+        headers = msg.headers
+        if headers and "Status" in headers:
+            status = headers["Status"]
+            if status in ("404", "408", "409"):
+                left = headers.get("Nats-Pending-Messages")
+                state["requested"] = max(0, state["requested"] - int(left)) if left else 0
+                await pull()
+            return
+        state["requested"] -= 1
+        state["held"] += 1
+        output = await noop(decode(msg.data, Job))
+        subject, event_headers = completion(msg.reply, msg.subject, worker)
+        future = await js.publish_async(subject, encode(output), headers=event_headers)
+        pending.append((future, msg.reply))
+        ready.set()
+
+    async def acknowledge() -> None:
+        while state["done"] < count:
+            await ready.wait()
+            ready.clear()
+            batch = pending[:]
+            pending.clear()
+            await asyncio.gather(*(future for future, _ in batch))
+            for _, reply in batch:
+                await nc.publish(reply, b"+ACK")
+            state["held"] -= len(batch)
+            state["done"] += len(batch)
+            await pull()
+        finished.set()
+
+    sub = await nc.subscribe(inbox, cb=on_message)
+    started = time.perf_counter()
+    acker = asyncio.create_task(acknowledge())
+    await pull()
+    await finished.wait()
+    await nc.flush()
+    elapsed = time.perf_counter() - started
+    await acker
+    await sub.unsubscribe()
+    await nc.close()
+    return {
+        "tasks": state["done"],
+        "seconds": elapsed,
+        "rate": state["done"] / elapsed,
+        "window": window,
+    }
+
+
+async def echo(url: str) -> None:
+    """The responder of the floor: answer every request on ``bench.echo`` with its payload."""
+    nc = await nats.connect(url)
+
+    async def respond(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe("bench.echo", cb=respond)
+    await nc.flush()
+    emit({"ready": True})
+    await asyncio.Event().wait()
+
+
+async def request(url: str, count: int, warmup: int) -> dict[str, Any]:
+    """The requester of the floor: ``count`` sequential requests, each one's latency."""
+    nc = await nats.connect(url)
+    payload = encode(Job(0, "job-0", 640))
+    latencies = []
+    for i in range(warmup + count):
+        started = time.perf_counter()
+        await nc.request("bench.echo", payload, timeout=5)
+        if i >= warmup:
+            latencies.append(time.perf_counter() - started)
+    await nc.close()
+    return {"latencies": latencies}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one baseline and print its figures (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m natrio._asyncio.baselines")
+    parser.add_argument("name", choices=["drain-a", "drain-b", "echo", "request"])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=200)
+    args = parser.parse_args(argv)
+    rss_start = rss_bytes()
+    if args.name == "echo":
+        asyncio.run(echo(args.url))
+        return
+    if args.name == "drain-a":
+        figures = asyncio.run(drain_a(args.url, args.count, args.batch))
+    elif args.name == "drain-b":
+        figures = asyncio.run(drain_b(args.url, args.count, args.batch))
+    else:
+        figures = asyncio.run(request(args.url, args.count, args.warmup))
+    emit(figures | {"rss_start": rss_start, "rss_end": rss_bytes()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The work every contestant does: the same task payloads, the same no-op, the same events.
+
+The baselines cannot import natrio's worker, so what makes a fair comparison is written
+down here once: the task type, its attrs input and output, how tasks are enqueued, and
+the completion event (subject and headers) a worker records for each task.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import attrs
+
+from .. import _wire as wire
+
+TASK_TYPE = "bench"
+GROUP = wire.DEFAULT_GROUP
+#: The durable consumer every contestant pulls (natrio's own name for it).
+CONSUMER = wire.consumer_name(TASK_TYPE, GROUP)
+FILTER = wire.task_filter(TASK_TYPE, GROUP)
+
+
+@attrs.frozen
+class Job:
+    """A small task input."""
+
+    n: int
+    name: str
+    size: int
+
+
+@attrs.frozen
+class JobDone:
+    """A small task output."""
+
+    n: int
+    ok: bool
+
+
+def run_id(round_: str, n: int) -> str:
+    """The run id of the ``n``-th task of one contestant's round (rounds never collide)."""
+    return f"{round_}-{n}"
+
+
+def task_subject(round_: str, n: int) -> str:
+    """Where the ``n``-th task of a round is published."""
+    return wire.task_subject(TASK_TYPE, GROUP, run_id(round_, n), TASK_TYPE)
+
+
+def task_payload(n: int) -> bytes:
+    """The ``n``-th task's input, as natrio's codec writes a Job."""
+    return json.dumps({"n": n, "name": f"job-{n}", "size": 640}, separators=(",", ":")).encode()
+
+
+def task_headers(round_: str, n: int) -> dict[str, str]:
+    """The headers ``Client.submit`` puts on a task (no reply: nobody waits in a drain)."""
+    return {
+        wire.H_MSG_ID: wire.task_msg_id(TASK_TYPE, run_id(round_, n), TASK_TYPE),
+        wire.H_SUBMITTED: repr(time.time()),
+    }
+
+
+def completion(reply: str, subject: str, worker: str) -> tuple[str, dict[str, str]]:
+    """The completed event's subject and headers for a delivered task, as natrio writes them.
+
+    ``reply`` is the delivery's ack subject, ``subject`` the task subject.
+    """
+    delivered, seq = wire.parse_ack_subject(reply)
+    parsed = wire.parse_task_subject(subject)
+    assert parsed is not None, subject
+    task_type, _group, run, step = parsed
+    return wire.event_subject(task_type, run, step, wire.COMPLETED), {
+        wire.H_TASK_SEQ: str(seq),
+        wire.H_ATTEMPT: str(delivered),
+        wire.H_WORKER: worker,
+        wire.H_MSG_ID: wire.outcome_msg_id("c", task_type, run, step, seq),
+        wire.H_OUTCOME: wire.COMPLETED,
+    }
+
+
+def consumer_config(ack_wait: float = 30.0) -> dict[str, Any]:
+    """The consumer every contestant uses: the one a natrio worker creates."""
+    return {
+        "durable_name": CONSUMER,
+        "filter_subject": FILTER,
+        "ack_policy": "explicit",
+        "ack_wait": int(ack_wait * 1_000_000_000),
+        "max_deliver": -1,
+        "max_ack_pending": -1,
+        "deliver_policy": "all",
+        "replay_policy": "instant",
+    }
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux: /proc; elsewhere the peak)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def emit(figures: dict[str, Any]) -> None:
+    """Hand a contestant's figures to the bench: one JSON line on stdout."""
+    sys.stdout.write("NATRIO-BENCH " + json.dumps(figures) + "\n")
+    sys.stdout.flush()
