@@ -8,7 +8,6 @@ the Trio side and cross into asyncio once per batch, never once per message.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 import logging
@@ -100,9 +99,12 @@ class Reply:
 
 
 # An outbox item: subject, payload, reply, encoded header block (b"" for none), and the
-# waiter to fail if it cannot be sent (or, with subject None, a marker whose waiter is set
-# once everything before it has been handed to nats-py).
-_Item = tuple[str | None, bytes, str, bytes, Reply | None]
+# waiter to fail if it cannot be sent.
+_Item = tuple[str, bytes, str, bytes, Reply | None]
+
+# Above this many bytes waiting in the socket's buffer, publishes go through nats-py's own
+# pending buffer and flusher, which waits for the socket to drain.
+_DIRECT_WRITE_LIMIT = 1 << 20
 
 
 class Subscription:
@@ -187,7 +189,7 @@ class Connection:
         self.url = url
         self._outbox: list[_Item] = []
         self._drainer_idle = True
-        self._wake: asyncio.Event = asyncio.Event()
+        self._wake = trio.Event()
         self._waiters: dict[str, Reply] = {}
         self._expected: weakref.WeakValueDictionary[str, Reply] = weakref.WeakValueDictionary()
         self._tokens = itertools.count()
@@ -268,7 +270,7 @@ class Connection:
         self._outbox.append(item)
         if self._drainer_idle:
             self._drainer_idle = False
-            self._loop.call_soon(self._wake.set)
+            self._wake.set()
 
     def publish_nowait(
         self,
@@ -357,67 +359,62 @@ class Connection:
         """
         if self._closed:
             return
-        marker = Reply()
-        self._enqueue((None, b"", "", b"", marker))
-        await marker.event.wait()
+        self._send_outbox()
         try:
             await self._aio(self._nc.flush)(10)
         except (TimeoutError, nats.errors.Error) as exc:
             raise RequestTimeout(f"flush did not complete: {exc!r}") from None
 
     async def _drain_outbox(self) -> None:
-        # The one asyncio task that hands queued publishes to nats-py, a batch per wake-up,
-        # so that a batch costs one crossing and publishes keep their order. Commands are
-        # encoded here and handed over as one block: nats-py's publish() per message
-        # (validation, header encoding, a flusher wake-up each) was the largest cost left.
+        # Sends what publishers queued, once per wake-up: the wake-up comes after every
+        # task that was ready has run, so a batch collects all they published.
         while True:
             await self._wake.wait()
-            self._wake.clear()
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                commands: list[bytes] = []
-                waiters: list[Reply] = []
-                for subject, payload, reply, block, waiter in batch:
-                    if subject is None:
-                        # A flush marker: everything before it goes to nats-py first.
-                        await self._hand_over(commands, waiters)
-                        commands, waiters = [], []
-                        assert waiter is not None
-                        waiter.event.set()
-                        continue
-                    commands.append(_encode(subject, reply, payload, block))
-                    if waiter is not None:
-                        waiters.append(waiter)
-                await self._hand_over(commands, waiters)
-            self._drainer_idle = True
+            self._wake = trio.Event()
+            self._send_outbox()
 
-    async def _hand_over(self, commands: list[bytes], waiters: list[Reply]) -> None:
-        if not commands:
+    def _send_outbox(self) -> None:
+        # Encodes the queued publishes and writes them to the socket as one block, from
+        # Trio, without a hop through an asyncio task: nats-py's publish() per message and
+        # its flusher task were the largest costs of a publish, and of a round trip's latency.
+        self._drainer_idle = True
+        if not self._outbox:
             return
+        batch, self._outbox = self._outbox, []
+        commands = [
+            _encode(subject, reply, payload, block) for subject, payload, reply, block, _ in batch
+        ]
         nc = self._nc
-        block = b"".join(commands)
+        size = sum(map(len, commands))
         error: str | None = None
         if nc.is_closed:
             error = "the connection is closed"
-        elif not nc.is_connected and (
-            nc._max_pending_size <= 0 or nc._pending_data_size + len(block) > nc._max_pending_size
-        ):
-            error = "reconnecting, and the reconnect buffer is full"
-        else:
+        elif nc.is_connected and not nc._pending and _buffered(nc) < _DIRECT_WRITE_LIMIT:
+            # nats-py has nothing of its own waiting, so writing now keeps every order.
             try:
-                nc.stats["out_msgs"] += len(commands)
-                nc.stats["out_bytes"] += len(block)
-                await nc._send_command(block)
-                if nc._flush_queue is not None and nc._flush_queue.empty():
-                    await nc._flush_pending()
-            except (nats.errors.Error, OSError) as exc:
+                nc._transport.writelines(commands)
+            except (OSError, RuntimeError, AttributeError) as exc:
                 error = repr(exc)
+        elif nc.is_connected or (
+            nc._max_pending_size > 0 and nc._pending_data_size + size <= nc._max_pending_size
+        ):
+            # Behind nats-py's own commands, or reconnecting: its pending buffer keeps the
+            # order and is written once the socket drains (or the connection is back).
+            nc._pending.extend(commands)
+            nc._pending_data_size += size
+            if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
+                nc._flush_queue.put_nowait(self._loop.create_future())
+        else:
+            error = "reconnecting, and the reconnect buffer is full"
         if error is None:
+            nc.stats["out_msgs"] += len(commands)
+            nc.stats["out_bytes"] += size
             return
         log.warning("could not send %d message(s): %s", len(commands), error)
-        for waiter in waiters:
-            waiter.error = ConnectionClosed(f"could not publish: {error}")
-            waiter.event.set()
+        for *_, waiter in batch:
+            if waiter is not None:
+                waiter.error = ConnectionClosed(f"could not publish: {error}")
+                waiter.event.set()
 
     # -- subscribing ------------------------------------------------------------------
 
@@ -547,6 +544,14 @@ def _header_block(headers: Mapping[str, str]) -> bytes:
 
 
 _valid_names: set[str] = set()
+
+
+def _buffered(nc: Any) -> int:
+    """Bytes waiting in the socket's write buffer."""
+    try:
+        return int(nc._transport._io_writer.transport.get_write_buffer_size())
+    except AttributeError:  # another kind of transport (websocket)
+        return 0
 
 
 def _encode(subject: str, reply: str, payload: bytes, block: bytes) -> bytes:
@@ -688,9 +693,9 @@ async def _open_connection(
             nc, loop, redact(str(nc.connected_url.geturl())) if nc.connected_url else shown
         )
         state["conn"] = conn
-        drainer = loop.create_task(conn._drain_outbox())
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn._drain_outbox)
                 nursery.start_soon(conn._expire_requests)
                 await conn._start()
                 yield conn
@@ -698,4 +703,3 @@ async def _open_connection(
         finally:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
-                drainer.cancel()
