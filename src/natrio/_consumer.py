@@ -81,6 +81,7 @@ class PullConsumer:
         self._backoff = 0.0
         self._unanswered = 0
         self._rewatch = trio.Event()
+        self._stopped = False
 
     # -- pulling ----------------------------------------------------------------------
 
@@ -180,14 +181,16 @@ class PullConsumer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Pull until :meth:`stop`; started once the inbox exists and the first pull is sent."""
-        inbox = await self.conn.subscribe(self.conn.new_inbox())
+        # Messages reach _on_message straight from the connection's read loop; this task
+        # only watches for silence, backoffs and a lost consumer.
+        inbox = await self.conn.subscribe(self.conn.new_inbox(), on_message=self._on_message)
         self._inbox = inbox
         remove_listener = self.conn.add_reconnect_listener(self._reset)
         try:
             self._pulling = True
             self._pull()
             task_status.started()
-            await self._receive(inbox)
+            await self._supervise()
         finally:
             remove_listener()
             self._pulling = False
@@ -197,49 +200,33 @@ class PullConsumer:
                 # vanish inside nats-py and wait out AckWait.
                 with trio.move_on_after(0.5):
                     await inbox.drain()
-                while True:
-                    try:
-                        msg = inbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                    if msg.status is None:
-                        self._handle(msg)
                 await inbox.unsubscribe()
 
-    async def _receive(self, inbox: Subscription) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch)
-            while True:
-                try:
-                    msg = await inbox.receive()
-                except trio.EndOfChannel:
-                    nursery.cancel_scope.cancel()
-                    return
-                self._handle(msg)
-                # Take whatever else has arrived before deciding about the next pull.
-                while True:
-                    try:
-                        msg = inbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    self._handle(msg)
-                self._last_activity = trio.current_time()
-                if self._gone is not None:
-                    await self._recover()
-                self._pull()
+    def _on_message(self, msg: Message) -> None:
+        self._handle(msg)
+        self._last_activity = trio.current_time()
+        if self._gone is not None:
+            self._rewatch.set()  # the supervisor recreates the consumer
+        else:
+            self._pull()
 
-    async def _watch(self) -> None:
+    async def _supervise(self) -> None:
         # Pulls again after silence (no heartbeat: the pulls were lost) and at the end of a
-        # backoff. A task of its own, so that receiving needs no cancel scope per message.
+        # backoff, and recreates the consumer when the server says it is gone.
         silence = 2 * self._heartbeat
-        while True:
+        while not self._stopped:
             wake = self._last_activity + silence
             if self._paused_until:
                 wake = min(wake, self._paused_until)
             with trio.move_on_at(wake):
                 await self._rewatch.wait()
-                # A backoff began: look at the wake-up time again.
+            if self._rewatch.is_set():
                 self._rewatch = trio.Event()
+            if self._stopped:
+                return
+            if self._gone is not None:
+                await self._recover()
+                self._pull()
                 continue
             now = trio.current_time()
             if self._paused_until and now >= self._paused_until:
@@ -278,6 +265,8 @@ class PullConsumer:
         self._pulling = False
         if self._inbox is not None:
             await self._inbox.drain()
+        self._stopped = True
+        self._rewatch.set()
 
     def statistics(self) -> dict[str, int]:
         """Window, held, requested, received and pulls sent."""
