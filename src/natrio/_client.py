@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -134,18 +135,25 @@ class StepStream:
         self.run_id = run_id
         self.step_id = step_id
         self.outcome: str | None = None
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
+        self._send, self._receive = trio.open_memory_channel[Message](math.inf)
         self._done = False
 
-    async def _open(self) -> Subscription:
-        if self._sub is None:
-            self._sub = await self.client.nc.subscribe(
-                wire.stream_subject(self.run_id, self.step_id)
-            )
-            # Subscribed first, then look: a step that already ended has nothing more to say.
-            self.outcome = await self._stored_outcome()
-            self._done = self.outcome is not None
-        return self._sub
+    async def _open(self) -> None:
+        if self._subs:
+            return
+        # The chunks and the step's events share one channel: the worker publishes its
+        # chunks before the outcome event on one connection, so they arrive in that order
+        # and the outcome event ends the stream.
+        push = self._send.send_nowait
+        for subject in (
+            wire.stream_subject(self.run_id, self.step_id),
+            wire.event_subject("*", self.run_id, self.step_id, "*"),
+        ):
+            self._subs.append(await self.client.nc.subscribe(subject, on_message=push))
+        # Subscribed first, then look: a step that already ended has nothing more to say.
+        self.outcome = await self._stored_outcome()
+        self._done = self.outcome is not None
 
     async def _stored_outcome(self) -> str | None:
         for kind in (wire.COMPLETED, wire.DEAD):
@@ -167,31 +175,36 @@ class StepStream:
     async def aclose(self) -> None:
         """Stop listening."""
         self._done = True
-        if self._sub is not None:
-            with trio.CancelScope(shield=True):
-                await self._sub.unsubscribe()
+        with trio.CancelScope(shield=True):
+            for sub in self._subs:
+                await sub.unsubscribe()
 
     def __aiter__(self) -> StepStream:
         return self
 
     async def __anext__(self) -> bytes:
-        sub = await self._open()
+        await self._open()
         while not self._done:
             with trio.move_on_after(self.client.check_interval):
-                msg = await sub.receive()
-                outcome = msg.header(wire.H_OUTCOME)
-                if outcome is None:
+                msg = await self._receive.receive()
+                if not msg.subject.startswith(_EVENT_PREFIX):
                     return msg.data
-                self.outcome = outcome
+                kind = msg.subject.rsplit(".", 1)[-1]
+                if kind not in (wire.COMPLETED, wire.DEAD):
+                    continue  # started, failed, paused, continued: the step goes on
+                self.outcome = kind
                 break
             if self.outcome is None:
-                # No end marker for a while: it may have been lost to a reconnect.
+                # No outcome event for a while: it may have been lost to a reconnect.
                 self.outcome = await self._stored_outcome()
                 if self.outcome is None:
                     continue
             break
         await self.aclose()
         raise StopAsyncIteration
+
+
+_EVENT_PREFIX = f"{wire.PREFIX}.event."
 
 
 class Client:

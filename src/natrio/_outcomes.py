@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._asyncio.bridge import Connection, Message
+from ._asyncio.bridge import Connection, Headers, Message
 from ._errors import ConnectionClosed, Fatal, NoResponders, RequestTimeout, Retryable
 from ._jetstream import JetStream
 from ._retry import RetryPolicy
@@ -196,7 +196,9 @@ class Reporter:
             headers=self._headers(task),
         )
 
-    async def _publish_durably(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    async def _publish_durably(
+        self, subject: str, payload: bytes, headers: Mapping[str, str]
+    ) -> None:
         # The same Nats-Msg-Id makes every retry idempotent, so retry through reconnects.
         deadline = trio.current_time() + self.durable_patience
         delay = 0.05
@@ -216,16 +218,19 @@ class Reporter:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def completed(self, task: Task, output: bytes) -> dict[str, str]:
+    async def completed(self, task: Task, output: bytes) -> Headers:
         """Record the completion durably; returns the headers to :meth:`announce` it with."""
-        headers = self._headers(
-            task,
-            **{
-                wire.H_MSG_ID: wire.outcome_msg_id(
-                    "c", task.task_type, task.run_id, task.step_id, task.seq
-                ),
-                wire.H_OUTCOME: wire.COMPLETED,
-            },
+        # Encoded once: the reply to a waiting client carries the same headers.
+        headers = Headers(
+            self._headers(
+                task,
+                **{
+                    wire.H_MSG_ID: wire.outcome_msg_id(
+                        "c", task.task_type, task.run_id, task.step_id, task.seq
+                    ),
+                    wire.H_OUTCOME: wire.COMPLETED,
+                },
+            )
         )
         await self._publish_durably(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED),
@@ -234,18 +239,10 @@ class Reporter:
         )
         return headers
 
-    def announce(self, task: Task, payload: bytes, headers: dict[str, str]) -> None:
-        """Tell a waiting client the outcome and end the step's stream (after the ack)."""
+    def announce(self, task: Task, payload: bytes, headers: Mapping[str, str]) -> None:
+        """Tell a waiting client the outcome (after the ack)."""
         if task.reply:
             self.conn.publish_nowait(task.reply, payload, headers=headers)
-        self._end_stream(task, headers[wire.H_OUTCOME])
-
-    def _end_stream(self, task: Task, outcome: str) -> None:
-        # Ends a client's stream iterator: sent on the stream subject after the chunks,
-        # so it arrives after them.
-        self.conn.publish_nowait(
-            wire.stream_subject(task.run_id, task.step_id), b"", headers={wire.H_OUTCOME: outcome}
-        )
 
     def paused(self, task: Task, delay: float) -> None:
         """Publish a ``paused`` event (not awaited)."""

@@ -104,7 +104,7 @@ def worker_permissions(task_type: str, *, group: str, inbox: str, client_inbox: 
             f"$JS.API.CONSUMER.CREATE.NATRIO_TASKS.{consumer}.natrio.task.{task_type}.{group}.>",
             f"$JS.API.CONSUMER.MSG.NEXT.NATRIO_TASKS.{consumer}",
             f"$JS.ACK.NATRIO_TASKS.{consumer}.>",
-            # outcomes: events, dead letters, the end-of-stream marker (no type in it)
+            # outcomes: events, dead letters, streamed output (no type in its subject)
             f"natrio.event.{task_type}.>",
             f"natrio.dead.{task_type}.>",
             "natrio.stream.>",

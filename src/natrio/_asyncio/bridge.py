@@ -16,7 +16,7 @@ import os
 import re
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -36,7 +36,15 @@ from .._errors import (
 )
 from .._util import single_error
 
-__all__ = ["DEFAULT_URL", "Connection", "Message", "Reply", "Subscription", "connect"]
+__all__ = [
+    "DEFAULT_URL",
+    "Connection",
+    "Headers",
+    "Message",
+    "Reply",
+    "Subscription",
+    "connect",
+]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -85,6 +93,29 @@ class Message:
 
     def __repr__(self) -> str:
         return f"Message(subject={self.subject!r}, reply={self.reply!r}, {len(self.data)} bytes)"
+
+
+class Headers(Mapping[str, str]):
+    """Message headers encoded once, for a publish that repeats them (an event and its reply)
+    or a header set that never changes. Raises ValueError for invalid names or values."""
+
+    __slots__ = ("_items", "block")
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        self._items = dict(items)
+        self.block = _header_block(self._items) if self._items else b""
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
 
 
 class Reply:
@@ -257,7 +288,10 @@ class Connection:
             raise ConnectionClosed("the connection is closed")
         if not subject or _BAD_SUBJECT.search(subject):
             raise ValueError(f"invalid subject {subject!r}")
-        block = _header_block(headers) if headers else b""
+        if isinstance(headers, Headers):
+            block = headers.block
+        else:
+            block = _header_block(headers) if headers else b""
         size = len(payload) + len(block)
         if size > self._nc.max_payload:
             raise PayloadTooLarge(
@@ -529,7 +563,7 @@ class _Client(nats.aio.client.Client):
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         try:
-            lane(subject, reply, data, await self._process_headers(headers) if headers else None)
+            lane(subject, reply, data, _parse_headers(headers) if headers else None)
         except Exception:
             # Whatever a lane does wrong must not end nats-py's read loop.
             log.exception("handling a message on %r failed", subject)
@@ -540,6 +574,29 @@ class _Client(nats.aio.client.Client):
         sub = await self.subscribe(subject, queue=queue)
         self.lanes[sub._id] = lane
         return sub
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    """A received header block as a dict, the status line as ``Status`` and ``Description``.
+
+    ``NATS/1.0[ <status>[ <description>]]\\r\\n`` then ``Name: value`` lines; a name given
+    twice keeps its last value, as in nats-py (whose parser cost more than the rest of
+    receiving a task).
+    """
+    lines = raw.decode(errors="replace").split("\r\n")
+    headers: dict[str, str] = {}
+    first = lines[0]
+    if len(first) > 9:
+        status, _, description = first[9:].strip().partition(" ")
+        if status.isdigit():
+            headers["Status"] = status
+        if description:
+            headers["Description"] = description
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip()] = value.strip()
+    return headers
 
 
 def _header_block(headers: Mapping[str, str]) -> bytes:
