@@ -3,6 +3,7 @@ and a cancel scope, and turns what happened into ack, NAK-with-delay or dead let
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -13,7 +14,7 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._asyncio.bridge import Message
+from ._asyncio.bridge import Headers, Message
 from ._codec import DecodeError, encode
 from ._consumer import PullConsumer
 from ._context import ExecutionPaused, TaskContext
@@ -72,6 +73,7 @@ class Delivery:
         "ctx",
         "last_progress",
         "msg",
+        "recording",
         "route",
         "scope",
         "settled",
@@ -87,6 +89,8 @@ class Delivery:
         self.cancelled_by_shutdown = False
         # Whether an ack, NAK or TERM has been queued for it.
         self.settled = False
+        # Whether its completion event is on its way to the stream (pipelined).
+        self.recording = False
 
 
 def read_task(msg: Message) -> Task:
@@ -242,6 +246,7 @@ class Dispatcher:
         cancelled while nothing runs.
         """
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for _ in range(self.concurrency):
                 nursery.start_soon(self._runner)
             nursery.start_soon(self._keep_alive)
@@ -288,14 +293,19 @@ class Dispatcher:
             # Nothing a task does may stop a runner; the task is redelivered below.
             log.exception("dispatching %s failed", delivery.msg.subject)
         finally:
-            self._running.discard(delivery)
-            if not delivery.settled and delivery in self._held:
-                # No outcome could be recorded (a failed terminal call, a crash in the
-                # dispatcher): hand the task back rather than let it wait out AckWait.
-                self.reporter.nak(delivery.msg, 1.0)
-            self._release(delivery)
-            if self.stopping and not self._running:
-                self._all_done.set()
+            if not delivery.recording:
+                self._finish(delivery)
+
+    def _finish(self, delivery: Delivery) -> None:
+        # The end of a delivery's stay: it no longer runs, and it leaves the window.
+        self._running.discard(delivery)
+        if not delivery.settled and delivery in self._held:
+            # No outcome could be recorded (a failed terminal call, a crash in the
+            # dispatcher): hand the task back rather than let it wait out AckWait.
+            self.reporter.nak(delivery.msg, 1.0)
+        self._release(delivery)
+        if self.stopping and not self._running:
+            self._all_done.set()
 
     async def _interrupted(self, delivery: Delivery) -> None:
         ctx = delivery.ctx
@@ -460,10 +470,14 @@ class Dispatcher:
             return False
         return True
 
-    async def _clear_state(self, delivery: Delivery, ctx: TaskContext) -> None:
+    @staticmethod
+    def _has_state(ctx: TaskContext) -> bool:
         # Only steps that may have state pay for clearing it: this execution touched it,
         # or an earlier delivery (which may have) came before.
-        if ctx.used_state or ctx.task.delivered > 1 or ctx.task.iteration > 1:
+        return ctx.used_state or ctx.task.delivered > 1 or ctx.task.iteration > 1
+
+    async def _clear_state(self, delivery: Delivery, ctx: TaskContext) -> None:
+        if self._has_state(ctx):
             try:
                 await self.state.clear(
                     ctx.run_id, ctx.step_id, keep_checkpoint=delivery.route.keep_checkpoint
@@ -504,12 +518,64 @@ class Dispatcher:
     ) -> None:
         if not await self._run_hook(delivery, ctx, "on_step_done", payload):
             return
+        if not self._has_state(ctx) and self.reporter.hard_deadline == math.inf:
+            # Pipelined: the runner moves on to the next task while the event is stored;
+            # the ack follows the stream's acknowledgement (or the slow path below does).
+            self.reporter.completed_nowait(
+                ctx.task,
+                payload,
+                functools.partial(self._completion_stored, delivery, ctx, payload),
+            )
+            delivery.recording = True
+            return
         headers = await self.reporter.completed(ctx.task, payload)
         await self._clear_state(delivery, ctx)
         self.reporter.ack(delivery.msg)
         delivery.settled = True
         self.reporter.announce(ctx.task, payload, headers)
         self.processed += 1
+
+    def _completion_stored(
+        self,
+        delivery: Delivery,
+        ctx: TaskContext,
+        payload: bytes,
+        headers: Headers,
+        error: NatrioError | None,
+    ) -> None:
+        delivery.recording = False
+        if delivery.settled:
+            pass  # a shutdown handed it back meanwhile; a redelivery finds the event
+        elif error is None:
+            self.reporter.ack(delivery.msg)
+            delivery.settled = True
+            self.reporter.announce(ctx.task, payload, headers)
+            self.processed += 1
+        else:
+            # A timeout, a leader election, a reconnect: retry the way unpipelined
+            # completions do (the same Nats-Msg-Id keeps it to one event).
+            log.debug("completion of %s not stored (%r); retrying", delivery.msg.subject, error)
+            delivery.recording = True
+            self._nursery.start_soon(self._record_completion_again, delivery, ctx, payload)
+            return
+        self._finish(delivery)
+
+    async def _record_completion_again(
+        self, delivery: Delivery, ctx: TaskContext, payload: bytes
+    ) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                headers = await self.reporter.completed(ctx.task, payload)
+                if not delivery.settled:
+                    self.reporter.ack(delivery.msg)
+                    delivery.settled = True
+                    self.reporter.announce(ctx.task, payload, headers)
+                    self.processed += 1
+        except NatrioError as exc:
+            ctx.logger.error("recording the outcome failed (%r); the task will be redelivered", exc)
+        finally:
+            delivery.recording = False
+            self._finish(delivery)
 
     async def _fail(
         self,

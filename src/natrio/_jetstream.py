@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._asyncio.bridge import Connection, Message
@@ -57,11 +57,38 @@ class JetStream:
         try:
             msg = await self._request(subject, payload, headers)
         except NoResponders:
-            raise NoResponders(
-                f"no stream answered for {subject}: it is not provisioned (run "
-                "natrio.provision()), or its stream has no leader right now"
-            ) from None
+            raise _no_stream(subject) from None
         return _reply(msg)
+
+    def publish_nowait(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        on_ack: Callable[[dict[str, Any] | None, NatrioError | None], None],
+    ) -> None:
+        """Publish into a stream without waiting: ``on_ack(puback, error)`` is called once,
+        synchronously, with the stream's acknowledgement or with what went wrong
+        (RequestTimeout, NoResponders, ConnectionClosed, JetStreamError)."""
+
+        def on_reply(msg: Message | None, error: BaseException | None) -> None:
+            if msg is not None and msg.status == "503":
+                error = _no_stream(subject)
+            if error is None:
+                assert msg is not None
+                try:
+                    ack = _reply(msg)
+                except (JetStreamError, ValueError) as exc:
+                    error = exc if isinstance(exc, NatrioError) else JetStreamError(0, 0, str(exc))
+                else:
+                    on_ack(ack, None)
+                    return
+            on_ack(None, error if isinstance(error, NatrioError) else NatrioError(repr(error)))
+
+        self.conn.request_nowait(
+            subject, payload, headers=headers, timeout=self.timeout, on_reply=on_reply
+        )
 
     async def ensure_stream(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Create the stream, or update it to ``config`` when it exists."""
@@ -172,6 +199,13 @@ class KeyValue:
             if value is not None:
                 out[key] = value
         return out
+
+
+def _no_stream(subject: str) -> NoResponders:
+    return NoResponders(
+        f"no stream answered for {subject}: it is not provisioned (run "
+        "natrio.provision()), or its stream has no leader right now"
+    )
 
 
 def _reply(msg: Message) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import traceback as tb
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ import trio
 
 from . import _wire as wire
 from ._asyncio.bridge import Connection, Headers, Message
-from ._errors import ConnectionClosed, Fatal, NoResponders, RequestTimeout, Retryable
+from ._errors import ConnectionClosed, Fatal, NatrioError, NoResponders, RequestTimeout, Retryable
 from ._jetstream import JetStream
 from ._retry import RetryPolicy
 
@@ -218,10 +218,9 @@ class Reporter:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def completed(self, task: Task, output: bytes) -> Headers:
-        """Record the completion durably; returns the headers to :meth:`announce` it with."""
+    def _completion_headers(self, task: Task) -> Headers:
         # Encoded once: the reply to a waiting client carries the same headers.
-        headers = Headers(
+        return Headers(
             self._headers(
                 task,
                 **{
@@ -232,12 +231,33 @@ class Reporter:
                 },
             )
         )
+
+    async def completed(self, task: Task, output: bytes) -> Headers:
+        """Record the completion durably; returns the headers to :meth:`announce` it with."""
+        headers = self._completion_headers(task)
         await self._publish_durably(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED),
             output,
             headers,
         )
         return headers
+
+    def completed_nowait(
+        self,
+        task: Task,
+        output: bytes,
+        on_stored: Callable[[Headers, NatrioError | None], None],
+    ) -> None:
+        """Publish the completion without waiting: ``on_stored(headers, error)`` is called once
+        the stream has stored it (error None) or could not (then record it with
+        :meth:`completed`, which retries)."""
+        headers = self._completion_headers(task)
+        self.js.publish_nowait(
+            wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED),
+            output,
+            headers=headers,
+            on_ack=lambda _ack, error: on_stored(headers, error),
+        )
 
     def announce(self, task: Task, payload: bytes, headers: Mapping[str, str]) -> None:
         """Tell a waiting client the outcome (after the ack)."""

@@ -128,10 +128,34 @@ class Reply:
         self.message: Message | None = None
         self.error: BaseException | None = None
 
+    def settle(self) -> None:
+        """The reply (or error) is in: wake the caller."""
+        self.event.set()
+
+
+class _CallbackReply:
+    """Where a reply lands for :meth:`Connection.request_nowait`: a function called with it."""
+
+    __slots__ = ("__weakref__", "callback", "error", "message")
+
+    def __init__(self, callback: Callable[[Message | None, BaseException | None], None]) -> None:
+        self.callback = callback
+        self.message: Message | None = None
+        self.error: BaseException | None = None
+
+    def settle(self) -> None:
+        try:
+            self.callback(self.message, self.error)
+        except Exception:
+            # It runs inside the read loop or the sweeper: neither may die of it.
+            log.exception("a reply callback failed")
+
+
+_Waiter = Reply | _CallbackReply
 
 # An outbox item: subject, payload, reply, encoded header block (b"" for none), and the
 # waiter to fail if it cannot be sent.
-_Item = tuple[str, bytes, str, bytes, Reply | None]
+_Item = tuple[str, bytes, str, bytes, _Waiter | None]
 
 # Above this many bytes waiting in the socket's buffer, publishes go through nats-py's own
 # pending buffer and flusher, which waits for the socket to drain.
@@ -221,7 +245,7 @@ class Connection:
         self._outbox: list[_Item] = []
         self._drainer_idle = True
         self._wake = trio.Event()
-        self._waiters: dict[str, Reply] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._expected: weakref.WeakValueDictionary[str, Reply] = weakref.WeakValueDictionary()
         self._tokens = itertools.count()
         self._mux_prefix = ""
@@ -341,19 +365,9 @@ class Connection:
         subscribed; for a JetStream publish, no stream holds the subject),
         PayloadTooLarge or ConnectionClosed.
         """
-        block = self._check(subject, payload, headers)
-        token = str(next(self._tokens))
         waiter = Reply()
-        self._waiters[token] = waiter
-        if timeout is not None:
-            heapq.heappush(
-                self._deadlines, (trio.current_time() + timeout, token, subject, timeout)
-            )
-            if self._sweeper_idle:
-                self._sweeper_idle = False
-                self._sweep_wake.set()
+        token = self._send_request(subject, payload, headers, timeout, waiter)
         try:
-            self._enqueue((subject, payload, self._mux_prefix + token, block, waiter))
             await waiter.event.wait()
         finally:
             self._waiters.pop(token, None)
@@ -364,6 +378,44 @@ class Connection:
         if message.status == "503":
             raise NoResponders(f"no responders on {subject}")
         return message
+
+    def request_nowait(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float,
+        on_reply: Callable[[Message | None, BaseException | None], None],
+    ) -> None:
+        """Publish with a reply subject; ``on_reply(message, error)`` gets the first reply.
+
+        It is called synchronously, exactly once: with the reply, or with RequestTimeout
+        after about ``timeout`` seconds, or with ConnectionClosed. It must not block.
+        Raises PayloadTooLarge or ConnectionClosed at once when the publish is refused.
+        """
+        self._send_request(subject, payload, headers, timeout, _CallbackReply(on_reply))
+
+    def _send_request(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        timeout: float | None,
+        waiter: _Waiter,
+    ) -> str:
+        block = self._check(subject, payload, headers)
+        token = str(next(self._tokens))
+        self._waiters[token] = waiter
+        if timeout is not None:
+            heapq.heappush(
+                self._deadlines, (trio.current_time() + timeout, token, subject, timeout)
+            )
+            if self._sweeper_idle:
+                self._sweeper_idle = False
+                self._sweep_wake.set()
+        self._enqueue((subject, payload, self._mux_prefix + token, block, waiter))
+        return token
 
     async def _expire_requests(self) -> None:
         # Fails requests whose timeout passed. Deadlines of answered requests stay in the
@@ -382,7 +434,7 @@ class Connection:
                         waiter.error = RequestTimeout(
                             f"no reply to a request on {subject} within {timeout} s"
                         )
-                        waiter.event.set()
+                        waiter.settle()
             self._sweeper_idle = True
 
     async def flush(self) -> None:
@@ -448,7 +500,7 @@ class Connection:
         for *_, waiter in batch:
             if waiter is not None:
                 waiter.error = ConnectionClosed(f"could not publish: {error}")
-                waiter.event.set()
+                waiter.settle()
 
     # -- subscribing ------------------------------------------------------------------
 
@@ -498,7 +550,7 @@ class Connection:
         waiter = self._waiters.pop(token, None) or self._expected.pop(token, None)
         if waiter is not None:
             waiter.message = Message(subject.decode(), data, reply.decode(), headers)
-            waiter.event.set()
+            waiter.settle()
 
     async def _start(self) -> None:
         self._mux_prefix = self.new_inbox() + "."
@@ -529,7 +581,7 @@ class Connection:
             self._closed = True
             for waiter in self._waiters.values():
                 waiter.error = ConnectionClosed("the connection is closed")
-                waiter.event.set()
+                waiter.settle()
             await self._aio(self._nc.close)()
 
 
