@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests`` (the default), lint, typecheck, examples, docs, chaos."""
+"""Developer tasks: ``nox -s tests`` (the default), lint, typecheck, examples, docs, chaos, bench."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, the tests and the examples."""
-    session.install(".", "mypy>=1.10", "nox", *TEST_DEPS)
+    session.install(".[bench]", "mypy>=1.10", "nox", *TEST_DEPS)
     session.run("mypy")
 
 
@@ -67,3 +67,13 @@ def chaos(session: nox.Session) -> None:
     session.run(
         "python", "-m", "tests.chaos.render", results, "docs/reliability.md", "nox -s chaos"
     )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """``natrio bench``, natrio beside plain nats-py workers; arguments after ``--`` go to it.
+
+    ``nox -s bench`` is the full run (minutes); ``nox -s bench -- --quick`` a small one.
+    """
+    session.install(".[bench]")
+    session.run("natrio", "bench", *session.posargs)

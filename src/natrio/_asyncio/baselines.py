@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -132,8 +133,12 @@ async def drain_b(url: str, count: int, window: int) -> dict[str, Any]:
     }
 
 
-async def echo(url: str) -> None:
-    """The responder of the floor: answer every request on ``bench.echo`` with its payload."""
+async def echo(url: str) -> dict[str, Any]:
+    """The responder of the floor: answer every request on ``bench.echo`` with its payload.
+
+    Prints a ``ready`` line once subscribed, then serves until SIGTERM or the end of its
+    stdin (how the bench stops it, as it does natrio's ``roundtrip-worker``).
+    """
     nc = await nats.connect(url)
 
     async def respond(msg: Any) -> None:
@@ -142,7 +147,9 @@ async def echo(url: str) -> None:
     await nc.subscribe("bench.echo", cb=respond)
     await nc.flush()
     emit({"ready": True})
-    await asyncio.Event().wait()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
+    await nc.close()
+    return {"stopped": True}
 
 
 async def request(url: str, count: int, warmup: int) -> dict[str, Any]:
@@ -170,9 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rss_start = rss_bytes()
     if args.name == "echo":
-        asyncio.run(echo(args.url))
-        return
-    if args.name == "drain-a":
+        figures = asyncio.run(echo(args.url))
+    elif args.name == "drain-a":
         figures = asyncio.run(drain_a(args.url, args.count, args.batch))
     elif args.name == "drain-b":
         figures = asyncio.run(drain_b(args.url, args.count, args.batch))
