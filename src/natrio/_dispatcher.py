@@ -26,6 +26,9 @@ from .middleware import Invocation, Middleware, Next
 
 log = logging.getLogger("natrio.dispatcher")
 
+# How many queued tasks a runner takes in a row before it lets other tasks run.
+_BURST = 16
+
 #: A handler as the dispatcher calls it: the context in, the output (or None) out.
 Handler = Callable[[TaskContext], Awaitable[Any]]
 
@@ -263,12 +266,28 @@ class Dispatcher:
         # more than the rest of the dispatcher. The dispatcher cancels it for a deadline,
         # a handler timeout or a shutdown; the interrupted delivery is then dealt with and
         # a fresh scope takes over.
+        #
+        # A waiting task is taken without a trip through the scheduler (receive() always
+        # makes one), so a busy runner works through a burst; it yields every
+        # _BURST tasks so that it never keeps the connection's read loop waiting for long.
         receive = self._receive
+        burst = 0
         while True:
             with trio.CancelScope(shield=True) as scope:
                 while True:
                     try:
-                        delivery = await receive.receive()
+                        if burst < _BURST:
+                            burst += 1
+                            delivery = receive.receive_nowait()
+                        else:
+                            burst = 0
+                            delivery = await receive.receive()
+                    except trio.WouldBlock:
+                        burst = 0
+                        try:
+                            delivery = await receive.receive()
+                        except (trio.EndOfChannel, trio.ClosedResourceError):
+                            return
                     except (trio.EndOfChannel, trio.ClosedResourceError):
                         return
                     delivery.scope = scope
