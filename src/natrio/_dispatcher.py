@@ -284,6 +284,9 @@ class Dispatcher:
                             delivery = await receive.receive()
                     except trio.WouldBlock:
                         burst = 0
+                        # Nothing queued: what this runner published goes out now, not
+                        # after the rest of the scheduler pass (a round trip's latency).
+                        self.reporter.conn.send_now()
                         try:
                             delivery = await receive.receive()
                         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -570,6 +573,9 @@ class Dispatcher:
             delivery.settled = True
             self.reporter.announce(ctx.task, payload, headers)
             self.processed += 1
+            if len(self._running) == 1:
+                # The only task in flight: its client is waiting for this reply now.
+                self.reporter.conn.send_now()
         else:
             # A timeout, a leader election, a reconnect: retry the way unpipelined
             # completions do (the same Nats-Msg-Id keeps it to one event).

@@ -367,6 +367,7 @@ class Connection:
         """
         waiter = Reply()
         token = self._send_request(subject, payload, headers, timeout, waiter)
+        self._send_outbox()  # the caller waits for the answer: no reason to wait for the pass
         try:
             await waiter.event.wait()
         finally:
@@ -450,6 +451,15 @@ class Connection:
             await self._aio(self._nc.flush)(10)
         except (TimeoutError, nats.errors.Error) as exc:
             raise RequestTimeout(f"flush did not complete: {exc!r}") from None
+
+    def send_now(self) -> None:
+        """Hand queued publishes to the socket now rather than at the end of the scheduler pass.
+
+        For a caller about to wait for something those publishes lead to: it saves the
+        pass's worth of latency. Publishes keep their order either way.
+        """
+        if self._outbox and not self._closed:
+            self._send_outbox()
 
     async def _drain_outbox(self) -> None:
         # Sends what publishers queued, once per wake-up: the wake-up comes after every
