@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-from ._asyncio.bridge import Connection, Message
+import trio
+
+from ._asyncio.bridge import Connection, Message, Subscription
 from ._errors import JetStreamError, NatrioError, NoResponders
 
 API = "$JS.API"
@@ -178,6 +182,45 @@ class KeyValue:
         if msg is None or msg.header("KV-Operation") in ("DEL", "PURGE"):
             return None
         return msg.data
+
+    @asynccontextmanager
+    async def watch(self, key: str) -> AsyncIterator[Subscription]:
+        """The key's current value, then every update, as messages (a KV watch).
+
+        An ephemeral consumer delivers the last message on the key and everything after
+        it, so nothing falls between reading and watching (a plain subscription plus a
+        read can miss a put that the stream stores after the read was answered). Deleted
+        or purged values arrive with a ``KV-Operation`` header.
+        """
+        name = f"watch_{secrets.token_hex(8)}"
+        subject = self._subject(key)
+        inbox = await self.js.conn.subscribe(self.js.conn.new_inbox())
+        async with inbox:
+            config = {
+                "name": name,
+                "deliver_subject": inbox.subject,
+                "deliver_policy": "last_per_subject",
+                "filter_subject": subject,
+                "ack_policy": "none",
+                "mem_storage": True,
+                "num_replicas": 1,
+                # Gone by itself soon after the watcher is (a crash leaves nothing behind).
+                "inactive_threshold": 30 * 1_000_000_000,
+            }
+            await self.js.api(
+                f"CONSUMER.CREATE.{self.stream}.{name}.{subject}",
+                {"stream_name": self.stream, "config": config},
+            )
+            try:
+                yield inbox
+            finally:
+                # Best effort: it expires by itself anyway.
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self.js.timeout),
+                    suppress(NatrioError),
+                ):
+                    await self.js.delete_consumer(self.stream, name)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` and its history."""

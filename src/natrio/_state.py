@@ -102,17 +102,13 @@ class StepState:
     async def wait_for_signal(self, run_id: str, name: str, timeout: float) -> bytes:  # noqa: ASYNC109
         """The signal's data, as soon as it exists; SignalTimeout after ``timeout`` seconds.
 
-        Watch semantics: subscribe to the key's updates first, then read its current
-        value, so a signal sent before the wait began is seen and none is missed.
+        A KV watch: the current value (a signal sent before the wait began) and then every
+        update, from one consumer, so none is missed.
         """
         key = wire.signal_key(run_id, name)
-        updates = await self.conn.subscribe(f"$KV.{wire.SIGNALS_BUCKET}.{key}")
-        async with updates:
-            with trio.move_on_after(timeout):
-                current = await self.signals.get(key)
-                if current is not None:
-                    return current
+        with trio.move_on_after(timeout):
+            async with self.signals.watch(key) as updates:
                 async for msg in updates:
-                    if msg.header("KV-Operation") not in ("DEL", "PURGE"):
+                    if msg.status is None and msg.header("KV-Operation") not in ("DEL", "PURGE"):
                         return msg.data
         raise SignalTimeout(f"no signal {name!r} for run {run_id} within {timeout} s")
