@@ -284,9 +284,11 @@ class Dispatcher:
                             delivery = await receive.receive()
                     except trio.WouldBlock:
                         burst = 0
-                        # Nothing queued: what this runner published goes out now, not
-                        # after the rest of the scheduler pass (a round trip's latency).
-                        self.reporter.conn.send_now()
+                        if len(self._running) <= 1:
+                            # Nothing queued and nothing else in flight: what this runner
+                            # published goes out now, not after the rest of the scheduler
+                            # pass (a round trip's latency). Under load the pass batches.
+                            self.reporter.conn.send_now()
                         try:
                             delivery = await receive.receive()
                         except (trio.EndOfChannel, trio.ClosedResourceError):
