@@ -193,7 +193,7 @@ class Reporter:
         self.conn.publish_nowait(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.STARTED),
             b"",
-            headers=self._headers(task),
+            headers=Headers.of_own(self._headers(task)),
         )
 
     async def _publish_durably(
@@ -220,7 +220,7 @@ class Reporter:
 
     def _completion_headers(self, task: Task) -> Headers:
         # Encoded once: the reply to a waiting client carries the same headers.
-        return Headers(
+        return Headers.of_own(
             self._headers(
                 task,
                 **{

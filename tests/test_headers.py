@@ -1,0 +1,56 @@
+"""natrio encodes and parses NATS header blocks itself (the bridge's hot path): round trips."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from natrio._asyncio.bridge import Headers, _header_block, _parse_headers
+
+names = st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,20}", fullmatch=True)
+# Printable values without line breaks; leading and trailing blanks are not kept by NATS.
+values = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=40).map(
+    str.strip
+)
+
+
+@given(st.dictionaries(names, values, min_size=1, max_size=8))
+def test_encoded_headers_parse_back(headers: dict[str, str]) -> None:
+    block = _header_block(headers)
+    assert _parse_headers(block) == headers
+    assert Headers(headers).block == block == Headers.of_own(dict(headers)).block
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        (b"NATS/1.0 503\r\n\r\n", {"Status": "503"}),
+        (
+            b"NATS/1.0 408 Request Timeout\r\n\r\n",
+            {"Status": "408", "Description": "Request Timeout"},
+        ),
+        (
+            b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 5\r\n\r\n",
+            {"Status": "100", "Description": "Idle Heartbeat", "Nats-Last-Consumer": "5"},
+        ),
+        (b"NATS/1.0\r\nA: 1\r\nA: 2\r\n\r\n", {"A": "2"}),
+    ],
+)
+def test_status_lines_and_repeated_names(raw: bytes, parsed: dict[str, str]) -> None:
+    assert _parse_headers(raw) == parsed
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"A": "line\r\nInjected: yes"},
+        {"A": "x\ny"},
+        {"Bad Name": "x"},
+        {"Bad:Name": "x"},
+        {"": "x"},
+    ],
+)
+def test_header_blocks_that_would_break_the_protocol_are_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="header"):
+        _header_block(headers)
