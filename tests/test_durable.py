@@ -3,6 +3,7 @@ timeouts, middleware and step hooks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -357,6 +358,37 @@ async def test_deadline_passing_while_the_handler_runs(
     with trio.fail_after(5), pytest.raises(natrio.TaskFailed) as info:
         await handle.result()
     assert info.value.error.kind == "deadline"
+
+
+async def test_a_deadline_ends_with_its_task(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    # One runner serves task after task in one cancel scope: a task's deadline must not
+    # outlive it, whether the task failed, completed itself, or finished as it fired.
+    worker = natrio_worker_factory(concurrency=1, retry=natrio.RetryPolicy(maximum_attempts=1))
+
+    @worker.handle("quick")
+    async def quick(ctx: natrio.TaskContext) -> bytes:
+        if ctx.run_id == "fails":
+            raise RuntimeError("no")
+        if ctx.run_id == "completes-itself":
+            await ctx.complete(b"done")
+        return b"done"
+
+    @worker.handle("unhurried")
+    async def unhurried(ctx: natrio.TaskContext) -> bytes:
+        await trio.sleep(0.8)
+        return b"no deadline"
+
+    await natrio_worker_factory.start(worker)
+    for run_id in ("fails", "completes-itself", "returns"):
+        handle = await natrio_client.submit("quick", run_id=run_id, deadline=0.3)
+        with contextlib.suppress(natrio.TaskFailed):
+            await handle.result()
+        # The next task, without a deadline, outlives the previous one's deadline.
+        after = await natrio_client.submit("unhurried", run_id=f"after-{run_id}")
+        with trio.fail_after(5):
+            assert await after.result() == b"no deadline"
 
 
 async def test_handler_timeout_is_a_retryable_failure(

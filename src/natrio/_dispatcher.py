@@ -272,31 +272,44 @@ class Dispatcher:
         # _BURST tasks so that it never keeps the connection's read loop waiting for long.
         receive = self._receive
         burst = 0
+        carried: Delivery | None = None
         while True:
             with trio.CancelScope(shield=True) as scope:
                 while True:
-                    try:
-                        if burst < _BURST:
-                            burst += 1
-                            delivery = receive.receive_nowait()
-                        else:
-                            burst = 0
-                            delivery = await receive.receive()
-                    except trio.WouldBlock:
-                        burst = 0
-                        if len(self._running) <= 1:
-                            # Nothing queued and nothing else in flight: what this runner
-                            # published goes out now, not after the rest of the scheduler
-                            # pass (a round trip's latency). Under load the pass batches.
-                            self.reporter.conn.send_now()
+                    if carried is not None:
+                        delivery, carried = carried, None
+                    else:
                         try:
-                            delivery = await receive.receive()
+                            if burst < _BURST:
+                                burst += 1
+                                delivery = receive.receive_nowait()
+                            else:
+                                burst = 0
+                                delivery = await receive.receive()
+                        except trio.WouldBlock:
+                            burst = 0
+                            if len(self._running) <= 1:
+                                # Nothing queued and nothing else in flight: what this
+                                # runner published goes out now, not after the rest of the
+                                # scheduler pass (a round trip's latency). Under load the
+                                # pass batches.
+                                self.reporter.conn.send_now()
+                            try:
+                                delivery = await receive.receive()
+                            except (trio.EndOfChannel, trio.ClosedResourceError):
+                                return
                         except (trio.EndOfChannel, trio.ClosedResourceError):
                             return
-                    except (trio.EndOfChannel, trio.ClosedResourceError):
-                        return
+                    if scope.cancel_called:
+                        # Cancelled for the task before (a deadline that fired as it
+                        # finished): this one gets a fresh scope.
+                        carried = delivery
+                        break
                     delivery.scope = scope
                     await self._serve(delivery, scope)
+                    if scope.deadline != math.inf:
+                        # However the task ended, its deadline must not reach the next.
+                        scope.deadline = math.inf
 
     async def _serve(self, delivery: Delivery, scope: trio.CancelScope) -> None:
         if self.stopping:
