@@ -1,9 +1,11 @@
 """The connection bridge: a nats-py connection on a trio-asyncio loop, offered as Trio methods.
 
-This is the only module that imports asyncio, trio_asyncio or nats. Two rules keep it
-fast (see DESIGN.md): messages cross from asyncio into Trio without awaiting (nats-py
-callbacks push into Trio memory channels or set Trio events), and publishes queue on
-the Trio side and cross into asyncio once per batch, never once per message.
+With ``baselines`` beside it, the only place that imports asyncio, trio_asyncio or nats.
+What keeps it fast (see DESIGN.md and docs/performance.md): messages go from nats-py's
+read loop to natrio's subscriptions through "lanes", plain functions called at once (no
+asyncio queue or task per subscription), and on into Trio without awaiting; publishes
+queue on the Trio side and are encoded and written to the socket once per scheduler
+pass, never once per message; request timeouts are swept, not a cancel scope each.
 """
 
 from __future__ import annotations
