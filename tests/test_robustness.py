@@ -3,6 +3,8 @@ missing consumers, stale results, secrets in URLs."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import trio
 
@@ -10,7 +12,7 @@ import natrio
 from natrio._asyncio.bridge import redact
 from natrio.testing import WorkerFactory
 
-from .helpers import consumer_state
+from .helpers import consumer_state, event_counts
 
 
 async def _echo(ctx: natrio.TaskContext) -> bytes:
@@ -167,3 +169,41 @@ async def test_shutdowns_do_not_use_up_attempts(
             worker.stop(grace=0)
     assert attempts == [1, 1, 1]
     assert all(not h.duplicate for h in handles)
+
+
+async def test_completion_not_stored_at_first_is_retried_then_acked(
+    natrio_worker_factory: WorkerFactory,
+    natrio_client: natrio.Client,
+    natrio_connection: natrio.Connection,
+) -> None:
+    # A pipelined completion whose publish fails (here: no events stream answers) goes the
+    # retrying way, and the task is acked once the event is stored, exactly once.
+    failed_once = trio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "not stored" in record.getMessage():
+                failed_once.set()
+
+    watch = Watch(logging.DEBUG)
+    dispatcher_log = logging.getLogger("natrio.dispatcher")
+    dispatcher_log.addHandler(watch)
+    level = dispatcher_log.level
+    dispatcher_log.setLevel(logging.DEBUG)
+    try:
+        worker = natrio_worker_factory()
+        worker.handle("e", _echo)
+        await natrio_worker_factory.start(worker)
+        await natrio_client.js.api("STREAM.DELETE.NATRIO_EVENTS")
+        handle = await natrio_client.submit("e", b"kept", run_id="r")
+        with trio.fail_after(10):
+            await failed_once.wait()
+            await natrio.provision(natrio_connection)
+            assert await handle.result() == b"kept"
+        assert await event_counts(natrio_connection, "completed") == {
+            "natrio.event.e.r.e.completed": 1
+        }
+        assert await consumer_state(natrio_connection, "e") == {"ack_pending": 0, "pending": 0}
+    finally:
+        dispatcher_log.removeHandler(watch)
+        dispatcher_log.setLevel(level)
