@@ -149,14 +149,18 @@ class Reply:
 class _CallbackReply:
     """Where a reply lands for :meth:`Connection.request_nowait`: a function called with it."""
 
-    __slots__ = ("__weakref__", "callback", "error", "message")
+    __slots__ = ("__weakref__", "callback", "error", "message", "settled")
 
     def __init__(self, callback: Callable[[Message | None, BaseException | None], None]) -> None:
         self.callback = callback
         self.message: Message | None = None
         self.error: BaseException | None = None
+        self.settled = False
 
     def settle(self) -> None:
+        if self.settled:
+            return  # the callback runs once, whatever else comes
+        self.settled = True
         try:
             self.callback(self.message, self.error)
         except Exception:
@@ -520,8 +524,10 @@ class Connection:
             nc.stats["out_bytes"] += size
             return
         log.warning("could not send %d message(s): %s", len(commands), error)
-        for *_, waiter in batch:
+        for _, _, reply, _, waiter in batch:
             if waiter is not None:
+                # Answered now, so neither a reply nor the sweeper settles it again.
+                self._waiters.pop(reply[self._mux_length :], None)
                 waiter.error = ConnectionClosed(f"could not publish: {error}")
                 waiter.settle()
 
@@ -602,7 +608,8 @@ class Connection:
                 if scope.cancelled_caught:
                     log.warning("closing %s with publishes unsent", self.url)
             self._closed = True
-            for waiter in self._waiters.values():
+            waiters, self._waiters = self._waiters, {}
+            for waiter in waiters.values():
                 waiter.error = ConnectionClosed("the connection is closed")
                 waiter.settle()
             await self._aio(self._nc.close)()
