@@ -567,6 +567,12 @@ class Dispatcher:
             return
         headers = await self.reporter.completed(ctx.task, payload)
         await self._clear_state(delivery, ctx)
+        self._acknowledge_completion(delivery, ctx, payload, headers)
+
+    def _acknowledge_completion(
+        self, delivery: Delivery, ctx: TaskContext, payload: bytes, headers: Headers
+    ) -> None:
+        # The completion event is stored: ack, then tell a waiting client.
         self.reporter.ack(delivery.msg)
         delivery.settled = True
         self.reporter.announce(ctx.task, payload, headers)
@@ -584,10 +590,7 @@ class Dispatcher:
         if delivery.settled:
             pass  # a shutdown handed it back meanwhile; a redelivery finds the event
         elif error is None:
-            self.reporter.ack(delivery.msg)
-            delivery.settled = True
-            self.reporter.announce(ctx.task, payload, headers)
-            self.processed += 1
+            self._acknowledge_completion(delivery, ctx, payload, headers)
             if len(self._running) == 1:
                 # The only task in flight: its client is waiting for this reply now.
                 self.reporter.conn.send_now()
@@ -607,10 +610,7 @@ class Dispatcher:
             with trio.CancelScope(shield=True):
                 headers = await self.reporter.completed(ctx.task, payload)
                 if not delivery.settled:
-                    self.reporter.ack(delivery.msg)
-                    delivery.settled = True
-                    self.reporter.announce(ctx.task, payload, headers)
-                    self.processed += 1
+                    self._acknowledge_completion(delivery, ctx, payload, headers)
         except NatrioError as exc:
             ctx.logger.error("recording the outcome failed (%r); the task will be redelivered", exc)
         finally:

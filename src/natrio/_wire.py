@@ -18,7 +18,7 @@ One durable consumer serves one (task type, group) pair; its name is
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 
 from ._errors import ConfigurationError
 
@@ -97,6 +97,21 @@ def task_subject(task_type: str, group: str, run_id: str, step_id: str) -> str:
 def task_filter(task_type: str, group: str) -> str:
     """The filter of the consumer serving one task type in one group."""
     return f"{PREFIX}.task.{task_type}.{group}.>"
+
+
+def consumer_config(task_type: str, group: str, ack_wait: float) -> dict[str, Any]:
+    """The durable consumer serving one task type in one group, as workers create it."""
+    return {
+        "durable_name": consumer_name(task_type, group),
+        "filter_subject": task_filter(task_type, group),
+        "ack_policy": "explicit",
+        "ack_wait": int(ack_wait * 1_000_000_000),
+        # Retries are the worker's decision (RetryPolicy), not the server's.
+        "max_deliver": -1,
+        "max_ack_pending": -1,
+        "deliver_policy": "all",
+        "replay_policy": "instant",
+    }
 
 
 def consumer_name(task_type: str, group: str) -> str:

@@ -34,7 +34,6 @@ from .middleware import Middleware
 
 log = logging.getLogger("natrio.worker")
 
-_NS = 1_000_000_000
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
@@ -377,19 +376,6 @@ class Worker:
             failed=stats.dead if stats else 0,
         )
 
-    def _consumer_config(self, route: Route, group: str) -> dict[str, Any]:
-        return {
-            "durable_name": wire.consumer_name(route.task_type, group),
-            "filter_subject": wire.task_filter(route.task_type, group),
-            "ack_policy": "explicit",
-            "ack_wait": int(route.ack_wait * _NS),
-            # Retries are the worker's decision (RetryPolicy), not the server's.
-            "max_deliver": -1,
-            "max_ack_pending": -1,
-            "deliver_policy": "all",
-            "replay_policy": "instant",
-        }
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve tasks until :meth:`stop` is called or the enclosing scope is cancelled.
 
@@ -420,7 +406,7 @@ class Worker:
         consumers: list[PullConsumer] = []
         for route in self._routes.values():
             for group in self.groups:
-                config = self._consumer_config(route, group)
+                config = wire.consumer_config(route.task_type, group, route.ack_wait)
 
                 async def recreate(config: dict[str, Any] = config) -> None:
                     await js.ensure_consumer(wire.TASK_STREAM, config)

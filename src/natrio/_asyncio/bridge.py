@@ -113,9 +113,7 @@ class Headers(Mapping[str, str]):
         without the checks (the per-task events are the hot path)."""
         headers = cls.__new__(cls)
         headers._items = items
-        headers.block = (
-            "NATS/1.0\r\n" + "".join([f"{k}: {v}\r\n" for k, v in items.items()]) + "\r\n"
-        ).encode()
+        headers.block = _header_text(items).encode()
         return headers
 
     def __getitem__(self, name: str) -> str:
@@ -681,6 +679,10 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
     return headers
 
 
+def _header_text(headers: Mapping[str, str]) -> str:
+    return "NATS/1.0\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n"
+
+
 def _header_block(headers: Mapping[str, str]) -> bytes:
     """The encoded header block of a message; ValueError for names or values that would
     break it."""
@@ -690,7 +692,7 @@ def _header_block(headers: Mapping[str, str]) -> bytes:
                 raise ValueError(f"invalid header name {name!r}")
             if len(_valid_names) < 1024:
                 _valid_names.add(name)
-    text = "NATS/1.0\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n"
+    text = _header_text(headers)
     # A line break inside a value would add a line: count them rather than scan each value.
     lines = len(headers) + 2
     if text.count("\n") != lines or text.count("\r") != lines:

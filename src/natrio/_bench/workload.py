@@ -84,16 +84,7 @@ def completion(reply: str, subject: str, worker: str) -> tuple[str, dict[str, st
 
 def consumer_config(ack_wait: float = 30.0) -> dict[str, Any]:
     """The consumer every contestant uses: the one a natrio worker creates."""
-    return {
-        "durable_name": CONSUMER,
-        "filter_subject": FILTER,
-        "ack_policy": "explicit",
-        "ack_wait": int(ack_wait * 1_000_000_000),
-        "max_deliver": -1,
-        "max_ack_pending": -1,
-        "deliver_policy": "all",
-        "replay_policy": "instant",
-    }
+    return wire.consumer_config(TASK_TYPE, GROUP, ack_wait)
 
 
 def rss_bytes() -> int:
