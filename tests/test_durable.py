@@ -287,7 +287,7 @@ async def test_agent_loop_survives_a_sigkilled_worker(
 async def test_re_enqueue_happens_once_when_an_iteration_runs_twice(
     natrio_connection: natrio.Connection, natrio_client: natrio.Client
 ) -> None:
-    from natrio._dispatcher import read_task
+    from natrio._dispatch.edge import read_task
 
     await natrio_client.submit("twice", b"first", run_id="r")
     info = await natrio_client.js.stream_info("NATRIO_TASKS")
@@ -296,10 +296,10 @@ async def test_re_enqueue_happens_once_when_an_iteration_runs_twice(
     msg = natrio.Message(
         "natrio.task.twice.default.r.twice", b"first", "$JS.ACK.NATRIO_TASKS.x.1.1.1.0.0", {}
     )
-    task = read_task(msg)
+    task = read_task(msg, task_type="twice", group="default", inbox_prefix="_INBOX")
     reporter = Reporter(natrio_connection, "test")
-    await reporter.continued(task, msg, b"second")
-    await reporter.continued(task, msg, b"second")
+    await reporter.continued(task, msg.subject, b"second")
+    await reporter.continued(task, msg.subject, b"second")
     info = await natrio_client.js.stream_info("NATRIO_TASKS")
     assert info["state"]["messages"] == 2
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 import natrio
-from natrio._asyncio.bridge import redact
+from natrio._transport.protocol import redact
 from natrio.testing import WorkerFactory
 
 from .helpers import consumer_state, event_counts

@@ -1,22 +1,24 @@
 """natrio: a Trio-native worker runtime for NATS JetStream.
 
 Everything public is exported here; the ``_modules`` behind it follow the way a task
-travels: ``_asyncio.bridge`` (connection) → ``_consumer`` (continuous pull) → ``_dispatcher``
-(handlers under a concurrency bound) → ``_context`` (what a handler sees) →
-``_outcomes`` (events, replies, dead letters, acks), with ``_worker``, ``_client``,
-``_provision``, ``_directory``, ``_server`` and ``_cli`` beside them.
+travels: ``_transport`` (the connection) → ``_consumer`` (continuous pull) → ``_dispatch``
+(the wire edge, the runners, one settlement per delivery, the outcome policy) →
+``_context`` (what a handler sees) → ``_outcomes`` (events, replies, dead letters), with
+``_worker``, ``_client``, ``_provision``, ``_directory``, ``_server`` and ``_cli`` beside
+them; ``_errors`` and ``_model`` (data records) are at the bottom.
 """
 
-from ._asyncio.bridge import Connection, Message, Subscription, connect
 from ._client import Client, StepStream, TaskHandle
-from ._codec import DecodeError, converter
-from ._context import ExecutionPaused, TaskContext
-from ._directory import WorkerInfo, list_workers
-from ._dispatcher import DispatcherStatistics, StepHooks
+from ._codec import converter
+from ._context import TaskContext
+from ._directory import list_workers
+from ._dispatch import DispatcherStatistics, StepHooks
 from ._errors import (
     ConfigurationError,
     ConnectError,
     ConnectionClosed,
+    DecodeError,
+    ExecutionPaused,
     Fatal,
     HandlerTimeout,
     JetStreamError,
@@ -26,14 +28,15 @@ from ._errors import (
     RequestTimeout,
     Retryable,
     ServerError,
+    SignalTimeout,
     TaskFailed,
     TerminalAlreadyCalled,
 )
-from ._outcomes import DeadLetter, Task, TaskError
+from ._model import DeadLetter, Task, TaskError, WorkerInfo
 from ._provision import provision
 from ._retry import RetryPolicy
 from ._server import EmbeddedServer, connect_or_embed, embedded_server, find_nats_server
-from ._state import SignalTimeout
+from ._transport import Connection, Message, Subscription, connect
 from ._version import __version__
 from ._worker import Worker, WorkerStatistics, open_worker, run_worker
 

@@ -13,13 +13,13 @@ from typing import Any, TypeVar, overload
 import trio
 
 from . import _wire as wire
-from ._asyncio.bridge import Connection, Message, Reply, Subscription
 from ._codec import decode, encode
 from ._errors import ConfigurationError, TaskFailed
 from ._jetstream import JetStream
-from ._outcomes import DeadLetter, TaskError
+from ._model import DeadLetter, TaskError
 from ._retry import RetryPolicy
 from ._state import StepState
+from ._transport import Connection, Message, Reply, Subscription
 
 T = TypeVar("T")
 

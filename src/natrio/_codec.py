@@ -9,15 +9,11 @@ from typing import Any
 import cattrs
 from cattrs.preconf.json import make_converter
 
-from ._errors import NatrioError
+from ._errors import DecodeError
 
 #: The converter natrio uses for typed inputs and outputs. Register hooks on it for
 #: types cattrs does not handle out of the box.
 converter = make_converter()
-
-
-class DecodeError(NatrioError, ValueError):
-    """A payload could not be turned into the requested type; the message names the field."""
 
 
 def encode(value: object) -> bytes:

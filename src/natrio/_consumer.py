@@ -1,10 +1,12 @@
 """The consumer: one JetStream pull consumer, pulled continuously, its messages handed to a sink.
 
 natrio speaks the pull protocol itself rather than calling nats-py's ``fetch()`` (see
-DESIGN.md): pull requests are published to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>``
-with an inbox as reply subject, messages arrive on that inbox, and the consumer keeps
-``held + requested <= window``, where ``held`` are messages handed to the sink and not
-yet released and ``requested`` are messages asked for and not yet received.
+DESIGN.md): pull requests are published to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>``,
+each with a reply subject of its own under one wildcard inbox, messages and status replies
+arrive there, and the consumer keeps ``held + requested <= window``, where ``held`` are
+messages handed to the sink and not yet released and ``requested`` are messages asked for
+and not yet received. The counting is :class:`~natrio._pull.PullState`'s; this module does
+the I/O and the timing (backoffs, silence, recreating a lost consumer).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._asyncio.bridge import Connection, Message, Subscription
 from ._errors import NatrioError
+from ._pull import Action, PullState
+from ._transport import Connection, Message, Subscription
 
 log = logging.getLogger("natrio.consumer")
 
@@ -55,16 +58,10 @@ class PullConsumer:
         self.conn = conn
         self.stream = stream
         self.name = name
-        self.window = window
         self.group = group
-        self.pin_id: str | None = None
-        self.requested = 0
-        self.held = 0
-        self.received = 0
-        self.pulls = 0
         self.sink = sink
+        self._state = PullState(window)
         self._recreate = recreate
-        self._threshold = max(1, window // 2)
         self._heartbeat = heartbeat
         self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
         self._pull_options: dict[str, object] = {
@@ -75,116 +72,130 @@ class PullConsumer:
             self._pull_options["group"] = group
         self._inbox: Subscription | None = None
         self._pulling = False
-        self._gone: str | None = None
         self._last_activity = 0.0
         self._paused_until = 0.0
-        self._backoff = 0.0
-        self._unanswered = 0
         self._rewatch = trio.Event()
         self._stopped = False
+
+    # -- the window, as PullState counts it ------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """At most this many messages held and asked for at once."""
+        return self._state.window
+
+    @property
+    def held(self) -> int:
+        """Messages handed to the sink and not yet released."""
+        return self._state.held
+
+    @property
+    def requested(self) -> int:
+        """Messages the live pulls may still bring."""
+        return self._state.requested
+
+    @property
+    def received(self) -> int:
+        """Task messages delivered so far."""
+        return self._state.received
+
+    @property
+    def pulls(self) -> int:
+        """Pull requests sent so far."""
+        return self._state.pulls
+
+    @property
+    def pin_id(self) -> str | None:
+        """The pin id of a pinned-client priority group, as the server last handed it out."""
+        return self._state.pin_id
+
+    @pin_id.setter
+    def pin_id(self, value: str | None) -> None:
+        self._state.pin_id = value
 
     # -- pulling ----------------------------------------------------------------------
 
     def _pull(self) -> None:
-        if not self._pulling or self._inbox is None or self._gone is not None:
+        state = self._state
+        batch = state.next_pull()
+        if not batch or not self._pulling or state.gone is not None:
             return
         if self._paused_until and trio.current_time() < self._paused_until:
             return
         if not self.conn.connected:
-            # Queued in nats-py's reconnect buffer, every such pull would go out on
-            # reconnect and over-fill the window; the reconnect listener pulls once instead.
+            # Queued for the reconnect, every such pull would go out on reconnect and
+            # over-fill the window; the reconnect listener pulls once instead.
             return
-        free = self.window - self.held - self.requested
-        # Pull in halves of the window, but never sit idle with room and nothing asked for.
-        if free < self._threshold and not (free > 0 and self.requested == 0):
-            return
-        body = dict(self._pull_options, batch=free)
-        if self.pin_id is not None:
-            body["id"] = self.pin_id
-        self.requested += free
-        self.pulls += 1
+        body = dict(self._pull_options, batch=batch)
+        if state.pin_id is not None:
+            body["id"] = state.pin_id
+        reply = state.start(batch)
         self._last_activity = trio.current_time()
-        self.conn.publish_nowait(
-            self._pull_subject, json.dumps(body).encode(), reply=self._inbox.subject
-        )
+        self.conn.publish_nowait(self._pull_subject, json.dumps(body).encode(), reply=reply)
 
     def _reset(self) -> None:
-        # Outstanding pulls are lost (reconnect, leadership change, silence): ask afresh.
-        self.requested = 0
+        # Outstanding pulls are lost (reconnect, silence): ask afresh. Should one of them
+        # live on after all, its late status no longer counts (see PullState).
+        self._state.reset()
         self._pull()
 
     def release(self, count: int = 1) -> None:
         """``count`` held messages reached their end (acked, NAK'd or terminated)."""
-        self.held -= count
+        self._state.held -= count
         self._pull()
 
     # -- receiving --------------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> None:
+    def _on_message(self, msg: Message) -> None:
         status = msg.status
-        if status is None:
-            self._backoff = 0.0
-            self._unanswered = 0
-            if self.requested > 0:
-                self.requested -= 1
-            self.held += 1
-            self.received += 1
-            if self.group is not None:
-                pin = msg.header("Nats-Pin-Id")
-                if pin:
-                    self.pin_id = pin
-            assert self.sink is not None, "set PullConsumer.sink before run()"
-            self.sink(msg)
+        if status is not None:
+            self._on_status(msg, status)
             return
-        if status == "100":
-            return
-        description = msg.header("Description", "") or ""
-        if status == "409" and "Leadership Change" in description:
-            self.requested = 0
-            return
-        if status == "409" and ("Consumer Deleted" in description or "push based" in description):
-            self._gone = description
-            return
-        if status == "400":
-            self._gone = f"400 {description}"
-            return
-        if status == "503":
-            # No one answered for the consumer (an election, or the consumer is gone): the
-            # pull never registered. Pull again after a backoff; after a few in a row, make
-            # sure the consumer exists (recreating it is idempotent).
-            self.requested = 0
-            self._unanswered += 1
-            if self._unanswered >= 3:
-                self._unanswered = 0
-                self._gone = "pulls unanswered (503)"
-            self._back_off()
-            return
-        if status == "423":
-            # Another client holds the pin: forget ours and keep pulling as a standby.
-            self.pin_id = None
-        pending = msg.header("Nats-Pending-Messages")
-        if pending is not None:
-            self.requested = max(0, self.requested - int(pending))
-        elif status == "409":
-            # A rejected pull ("Exceeded MaxRequestBatch", "Exceeded MaxWaiting", ...):
-            # nothing will come for it. Ask afresh after a backoff.
-            log.warning("consumer %s: pull rejected: %s", self.name, description)
-            self.requested = 0
-            self._back_off()
-        elif status not in ("404", "408"):
-            log.warning("consumer %s: unexpected status %s %s", self.name, status, description)
+        state = self._state
+        state.delivered()
+        self._last_activity = trio.current_time()
+        if self.group is not None:
+            pin = msg.header("Nats-Pin-Id")
+            if pin and pin != state.pin_id:
+                state.pin_id = pin
+        assert self.sink is not None, "set PullConsumer.sink before run()"
+        self.sink(msg)
+        # A delivery leaves held + requested as it was (or, beyond what was asked for,
+        # less room), except that the last message asked for may leave room less than the
+        # pull threshold with nothing asked for.
+        if not state.requested:
+            self._pull()
 
-    def _back_off(self) -> None:
-        self._backoff = min(self._backoff * 2, 2.0) if self._backoff else 0.1
-        self._paused_until = trio.current_time() + self._backoff
-        self._rewatch.set()
+    def _on_status(self, msg: Message, status: str) -> None:
+        description = msg.header("Description", "") or ""
+        raw = msg.header("Nats-Pending-Messages")
+        pending = int(raw) if raw and raw.isdigit() else None
+        state = self._state
+        action = state.on_status(msg.subject, status, description, pending)
+        if action is Action.STALE:
+            # A forgotten pull's late status: it neither counts nor shows liveness.
+            return
+        self._last_activity = trio.current_time()
+        if action is Action.PULL:
+            self._pull()
+        elif action is Action.BACK_OFF:
+            if status != "503":
+                log.warning("consumer %s: pull rejected: %s %s", self.name, status, description)
+            self._paused_until = self._last_activity + state.backoff
+            self._rewatch.set()
+        elif action is Action.GONE:
+            self._rewatch.set()  # the supervisor recreates the consumer
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Pull until :meth:`stop`; started once the inbox exists and the first pull is sent."""
         # Messages reach _on_message straight from the connection's read loop; this task
         # only watches for silence, backoffs and a lost consumer.
-        inbox = await self.conn.subscribe(self.conn.new_inbox(), on_message=self._on_message)
+        prefix = self.conn.new_inbox()
+        # Each pull replies to <prefix>.<number>.<batch> (see PullState.start).
+        inbox = await self.conn.subscribe(prefix + ".*.*", on_message=self._on_message)
         self._inbox = inbox
+        self._state.reply_prefix = prefix + "."
+        self._state.reset()
         remove_listener = self.conn.add_reconnect_listener(self._reset)
         try:
             self._pulling = True
@@ -202,18 +213,11 @@ class PullConsumer:
                     await inbox.drain()
                 await inbox.unsubscribe()
 
-    def _on_message(self, msg: Message) -> None:
-        self._handle(msg)
-        self._last_activity = trio.current_time()
-        if self._gone is not None:
-            self._rewatch.set()  # the supervisor recreates the consumer
-        else:
-            self._pull()
-
     async def _supervise(self) -> None:
         # Pulls again after silence (no heartbeat: the pulls were lost) and at the end of a
         # backoff, and recreates the consumer when the server says it is gone.
         silence = 2 * self._heartbeat
+        state = self._state
         while not self._stopped:
             wake = self._last_activity + silence
             if self._paused_until:
@@ -224,7 +228,7 @@ class PullConsumer:
                 self._rewatch = trio.Event()
             if self._stopped:
                 return
-            if self._gone is not None:
+            if state.gone is not None:
                 await self._recover()
                 self._pull()
                 continue
@@ -234,15 +238,16 @@ class PullConsumer:
                 self._pull()
             elif now >= self._last_activity + silence:
                 self._last_activity = now
-                if self.requested > 0:
+                if state.requested > 0:
                     log.debug(
                         "consumer %s: no heartbeat for %.1f s, pulling again", self.name, silence
                     )
                     self._reset()
 
     async def _recover(self) -> None:
-        reason, self._gone = self._gone, None
+        reason = self._state.gone
         if self._recreate is None:
+            self._state.gone = None
             raise ConsumerGone(f"consumer {self.stream}/{self.name}: {reason}")
         log.warning("consumer %s/%s: %s; recreating it", self.stream, self.name, reason)
         delay = 0.1
@@ -254,7 +259,7 @@ class PullConsumer:
                 log.warning("recreating consumer %s failed: %r; retrying", self.name, exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        self.requested = 0
+        self._state.recreated()
 
     async def stop(self) -> None:
         """Stop pulling and wait until every message the server already sent has arrived.
@@ -270,10 +275,11 @@ class PullConsumer:
 
     def statistics(self) -> dict[str, int]:
         """Window, held, requested, received and pulls sent."""
+        state = self._state
         return {
-            "window": self.window,
-            "held": self.held,
-            "requested": self.requested,
-            "received": self.received,
-            "pulls": self.pulls,
+            "window": state.window,
+            "held": state.held,
+            "requested": state.requested,
+            "received": state.received,
+            "pulls": state.pulls,
         }

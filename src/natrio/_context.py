@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from . import _wire as wire
 from ._codec import decode, encode
-from ._errors import ConfigurationError, TerminalAlreadyCalled
-from ._outcomes import Task
+from ._errors import ConfigurationError, ExecutionPaused, TerminalAlreadyCalled
+from ._model import Task
 
 MAX_SIGNAL_WAIT = 3600.0
 
@@ -36,14 +36,6 @@ class Finisher(Protocol):
     def heartbeat(self, ctx: TaskContext) -> None: ...
 
     def put_stream(self, ctx: TaskContext, data: bytes) -> None: ...
-
-
-class ExecutionPaused(BaseException):
-    """Raised by ``ctx.pause()`` to end the execution; the dispatcher catches it.
-
-    A BaseException, like ``trio.Cancelled``, so that ``except Exception`` in a handler
-    does not swallow it; ``finally`` blocks still run.
-    """
 
 
 class TaskContext:

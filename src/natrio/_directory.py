@@ -2,52 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 import trio
 
 from . import _wire as wire
-from ._asyncio.bridge import Connection
 from ._errors import JetStreamError, NatrioError
 from ._jetstream import STREAM_NOT_FOUND, JetStream, KeyValue
+from ._model import WorkerInfo
+from ._transport import Connection
 
 log = logging.getLogger("natrio.directory")
 
 _NS = 1_000_000_000
-
-
-@attrs.frozen
-class WorkerInfo:
-    """A worker's directory entry, as :func:`list_workers` returns it."""
-
-    worker_id: str
-    worker_name: str
-    task_types: tuple[str, ...]
-    groups: tuple[str, ...]
-    hostname: str
-    pid: int
-    version: str
-    started_at: str
-    last_seen: str
-    in_flight: int = 0
-    processed: int = 0
-    failed: int = 0
-
-    def to_json(self) -> bytes:
-        """The entry as stored."""
-        return json.dumps(attrs.asdict(self)).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> WorkerInfo:
-        """Read a stored entry."""
-        data = json.loads(raw)
-        data["task_types"] = tuple(data["task_types"])
-        data["groups"] = tuple(data["groups"])
-        return cls(**data)
 
 
 def _bucket(nc: Connection) -> KeyValue:

@@ -1,11 +1,26 @@
-"""The exceptions natrio raises, all under one root, :class:`NatrioError`."""
+"""Every exception natrio raises, under one root, :class:`NatrioError` (and
+:class:`ExecutionPaused`, which is a signal, not an error). Imports nothing of natrio:
+this module is the bottom of the import graph."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from ._outcomes import TaskError
+
+class FailureRecord(Protocol):
+    """What :class:`TaskFailed` carries: a :class:`natrio.TaskError`."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def traceback(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
 
 
 class NatrioError(Exception):
@@ -86,8 +101,8 @@ class Retryable(NatrioError):
 
     def __init__(self, reason: str | BaseException = "", *, delay: float | None = None) -> None:
         super().__init__(reason)
-        if delay is not None and delay < 0:
-            raise ConfigurationError(f"Retryable delay must be >= 0, got {delay!r}")
+        if delay is not None and not (isinstance(delay, int | float) and 0 <= delay < math.inf):
+            raise ConfigurationError(f"Retryable delay must be finite and >= 0, got {delay!r}")
         self.reason = reason
         self.delay = delay
 
@@ -98,7 +113,7 @@ class TaskFailed(NatrioError):
     ``error`` is the :class:`TaskError` recorded in the dead-letter entry.
     """
 
-    def __init__(self, task_type: str, run_id: str, step_id: str, error: TaskError) -> None:
+    def __init__(self, task_type: str, run_id: str, step_id: str, error: FailureRecord) -> None:
         super().__init__(
             f"task {task_type} {run_id}/{step_id} failed ({error.kind}) after "
             f"{error.attempts} attempt(s): {error.type}: {error.message}"
@@ -113,4 +128,34 @@ class HandlerTimeout(NatrioError):
     """The failure recorded when a handler runs past its ``timeout`` (kind ``timeout``).
 
     Retryable, like any failure, within the retry policy.
+    """
+
+
+class DecodeError(NatrioError, ValueError):
+    """A payload could not be turned into the requested type; the message names the field."""
+
+
+class SignalTimeout(NatrioError):
+    """Raised by ``ctx.wait_for_signal`` when no signal came in time.
+
+    Unless the handler catches it, it is an ordinary (retryable) failure of the attempt.
+    """
+
+
+class MalformedTask(NatrioError):
+    """A message on a task subject that is not a valid task; the message says why.
+
+    Never raised to users: such a message is dead-lettered (kind ``malformed``).
+    """
+
+
+class ConsumerGone(NatrioError):
+    """The server reported a consumer deleted (409) or rejected its pulls (400)."""
+
+
+class ExecutionPaused(BaseException):
+    """Raised by ``ctx.pause()`` to end the execution; the worker catches it.
+
+    A BaseException, like ``trio.Cancelled``, so that ``except Exception`` in a handler
+    does not swallow it; ``finally`` blocks still run.
     """

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
 
-from ._asyncio.bridge import Connection, Message, Subscription
 from ._errors import JetStreamError, NatrioError, NoResponders
+from ._transport import Connection, Message, Subscription
 
 API = "$JS.API"
 
@@ -20,6 +22,15 @@ STREAM_NOT_FOUND = 10059
 STREAM_NAME_IN_USE = 10058
 CONSUMER_NOT_FOUND = 10014
 MESSAGE_NOT_FOUND = 10037
+
+log = logging.getLogger("natrio.jetstream")
+
+# A KV watch's consumer sends an idle heartbeat this often (nats.go's ordered consumers
+# use 5 s too); this many heartbeats of silence and the watch recreates its consumer.
+WATCH_HEARTBEAT = 5.0
+WATCH_MISSED_HEARTBEATS = 3
+
+_NS = 1_000_000_000
 
 
 class JetStream:
@@ -159,6 +170,23 @@ class JetStream:
             )
         return msg
 
+    async def next_message(
+        self, stream: str, subject: str, *, after: int
+    ) -> tuple[int, bytes] | None:
+        """The first message on ``subject`` with a sequence above ``after``: (seq, data), or None."""
+        msg = await self._request(
+            f"{API}.DIRECT.GET.{stream}",
+            json.dumps({"seq": after + 1, "next_by_subj": subject}).encode(),
+        )
+        status = msg.status
+        if status == "404":
+            return None
+        if status is not None and status != "200":
+            raise JetStreamError(
+                int(status), 0, msg.header("Description", "") or "direct get failed"
+            )
+        return int(msg.header("Nats-Sequence") or 0), msg.data
+
 
 class KeyValue:
     """A JetStream key-value bucket, read and written through its stream ``KV_<bucket>``."""
@@ -184,43 +212,25 @@ class KeyValue:
         return msg.data
 
     @asynccontextmanager
-    async def watch(self, key: str) -> AsyncIterator[Subscription]:
+    async def watch(
+        self, key: str, *, heartbeat: float = WATCH_HEARTBEAT
+    ) -> AsyncIterator[KeyWatch]:
         """The key's current value, then every update, as messages (a KV watch).
 
         An ephemeral consumer delivers the last message on the key and everything after
         it, so nothing falls between reading and watching (a plain subscription plus a
         read can miss a put that the stream stores after the read was answered). Deleted
-        or purged values arrive with a ``KV-Operation`` header.
+        or purged values arrive with a ``KV-Operation`` header. The consumer is kept
+        alive while the watch is iterated (see :class:`KeyWatch`); it is deleted when the
+        block ends.
         """
-        name = f"watch_{secrets.token_hex(8)}"
-        subject = self._subject(key)
-        inbox = await self.js.conn.subscribe(self.js.conn.new_inbox())
-        async with inbox:
-            config = {
-                "name": name,
-                "deliver_subject": inbox.subject,
-                "deliver_policy": "last_per_subject",
-                "filter_subject": subject,
-                "ack_policy": "none",
-                "mem_storage": True,
-                "num_replicas": 1,
-                # Gone by itself soon after the watcher is (a crash leaves nothing behind).
-                "inactive_threshold": 30 * 1_000_000_000,
-            }
-            await self.js.api(
-                f"CONSUMER.CREATE.{self.stream}.{name}.{subject}",
-                {"stream_name": self.stream, "config": config},
-            )
-            try:
-                yield inbox
-            finally:
-                # Best effort: it expires by itself anyway.
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(self.js.timeout),
-                    suppress(NatrioError),
-                ):
-                    await self.js.delete_consumer(self.stream, name)
+        watch = KeyWatch(self, key, heartbeat)
+        try:
+            await watch._open()
+            yield watch
+        finally:
+            with trio.CancelScope(shield=True):
+                await watch._close()
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` and its history."""
@@ -242,6 +252,224 @@ class KeyValue:
             if value is not None:
                 out[key] = value
         return out
+
+
+class KeyWatch:
+    """The entries of one KV key as they come, made by :meth:`KeyValue.watch`.
+
+    Iterate it (or await :meth:`receive`): first the key's current entry, if it has one,
+    then every later one. An entry is the stream's message; a deleted or purged value is
+    one with a ``KV-Operation`` header. Heartbeats and flow-control requests (status 100)
+    are dealt with here and never handed on.
+
+    Its consumer is an ephemeral push consumer in server memory, which a server restart
+    loses for good, so the watch re-creates it, as nats.go's ordered consumer does: after
+    a reconnect, after a gap in the consumer sequence (seen on an entry or an idle
+    heartbeat), and after ``WATCH_MISSED_HEARTBEATS`` heartbeat intervals with nothing
+    from it. The new consumer, on a new inbox, delivers the key's current entry again
+    (deliver policy last per subject) and everything after it: entries overwritten in
+    between are skipped (the current one is what counts), and the entry last handed on
+    is not handed on twice. This happens in the task that iterates, while it waits for
+    the next entry; there is no background task.
+    """
+
+    def __init__(self, kv: KeyValue, key: str, heartbeat: float) -> None:
+        if heartbeat <= 0:
+            raise ValueError(f"heartbeat must be > 0, got {heartbeat!r}")
+        self.js = kv.js
+        self.stream = kv.stream
+        self.subject = kv._subject(key)
+        self.heartbeat = heartbeat
+        self.silence = heartbeat * WATCH_MISSED_HEARTBEATS
+        self.recreated = 0
+        self._entries: deque[Message] = deque()
+        self._wakeup = trio.Event()
+        self._inbox: Subscription | None = None
+        self._name: str | None = None
+        # Messages for an inbox given up are ignored, whatever is still on its way.
+        self._generation = 0
+        self._next_seq = 1  # the consumer sequence the next entry must have
+        self._last_entry: str | None = None  # stream sequence and time of the last one kept
+        self._stale: str | None = None  # why the consumer must be replaced
+        self._last_activity = 0.0
+        self._remove_listener: Callable[[], None] | None = None
+        self._closed = False
+
+    def __aiter__(self) -> KeyWatch:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except trio.ClosedResourceError:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Message:
+        """The next entry, as soon as there is one; ClosedResourceError once the watch ended."""
+        while not self._entries:
+            if self._closed:
+                raise trio.ClosedResourceError("the watch has ended")
+            deadline = self._last_activity + self.silence
+            if self._stale is None and trio.current_time() >= deadline:
+                self._stale = f"nothing from its consumer for {self.silence:g} s"
+            if self._stale is not None:
+                await self._recreate()
+                continue
+            self._wakeup = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wakeup.wait()
+        return self._entries.popleft()
+
+    # -- the consumer -----------------------------------------------------------------
+
+    async def _open(self) -> None:
+        self._remove_listener = self.js.conn.add_reconnect_listener(self._on_reconnect)
+        await self._create()
+
+    async def _close(self) -> None:
+        self._closed = True
+        if self._remove_listener is not None:
+            self._remove_listener()
+        # Best effort: it expires by itself anyway (inactive threshold).
+        await self._drop(wait=self.js.conn.connected)
+
+    async def _create(self) -> None:
+        conn = self.js.conn
+        self._generation += 1
+        generation = self._generation
+        self._next_seq = 1
+        self._stale = None
+        self._last_activity = trio.current_time()
+
+        def on_message(msg: Message) -> None:
+            if generation == self._generation:
+                self._on_message(msg)
+
+        self._inbox = await conn.subscribe(conn.new_inbox(), on_message=on_message)
+        self._name = name = f"watch_{secrets.token_hex(8)}"
+        config = {
+            "name": name,
+            "deliver_subject": self._inbox.subject,
+            "deliver_policy": "last_per_subject",
+            "filter_subject": self.subject,
+            "ack_policy": "none",
+            "mem_storage": True,
+            "num_replicas": 1,
+            "idle_heartbeat": int(self.heartbeat * _NS),
+            # Gone by itself soon after the watcher is (a crash leaves nothing behind).
+            "inactive_threshold": 30 * _NS,
+        }
+        await self.js.api(
+            f"CONSUMER.CREATE.{self.stream}.{name}.{self.subject}",
+            {"stream_name": self.stream, "config": config},
+        )
+
+    async def _drop(self, *, wait: bool) -> None:
+        """Give up the inbox and delete the consumer, waiting for the answer or not."""
+        self._generation += 1
+        inbox, name = self._inbox, self._name
+        self._inbox = self._name = None
+        if inbox is not None:
+            with trio.CancelScope(shield=True):  # quick; cut short, it would linger
+                await inbox.unsubscribe()
+        if name is None:
+            return
+        if wait:
+            with trio.move_on_after(self.js.timeout), suppress(NatrioError):
+                await self.js.delete_consumer(self.stream, name)
+        else:
+            with suppress(NatrioError):
+                self.js.conn.request_nowait(
+                    f"{API}.CONSUMER.DELETE.{self.stream}.{name}",
+                    b"",
+                    timeout=self.js.timeout,
+                    on_reply=lambda msg, error: None,
+                )
+
+    async def _recreate(self) -> None:
+        conn = self.js.conn
+        log.info("watch on %s: %s; recreating its consumer", self.subject, self._stale)
+        await self._drop(wait=False)
+        delay = 0.1
+        while True:
+            if not conn.connected and not conn.closed:
+                # Nothing to do until the reconnect listener wakes us.
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            try:
+                await self._create()
+            except NatrioError as exc:
+                if conn.closed:
+                    raise
+                log.warning("watch on %s: recreating its consumer failed: %r", self.subject, exc)
+                await self._drop(wait=False)
+                # A reconnect meanwhile cuts the wait short.
+                self._wakeup = trio.Event()
+                with trio.move_on_after(delay):
+                    await self._wakeup.wait()
+                delay = min(delay * 2, 5.0)
+            else:
+                self.recreated += 1
+                return
+
+    # -- what arrives (synchronously, from the connection's read loop) -----------------
+
+    def _mark_stale(self, reason: str) -> None:
+        if self._stale is None:
+            self._stale = reason
+        self._wakeup.set()
+
+    def _on_reconnect(self) -> None:
+        self._mark_stale("the connection reconnected")
+
+    def _on_message(self, msg: Message) -> None:
+        self._last_activity = trio.current_time()
+        status = msg.status
+        if status is None:
+            self._on_entry(msg)
+        elif status == "100":
+            # An idle heartbeat, or (with a reply subject) a flow-control request.
+            for reply in (msg.reply, msg.header("Nats-Consumer-Stalled")):
+                if reply:
+                    with suppress(NatrioError, ValueError):
+                        self.js.conn.publish_nowait(reply)
+            last = msg.header("Nats-Last-Consumer")
+            if last is not None and last.isdigit() and int(last) != self._next_seq - 1:
+                self._mark_stale(f"missed entries (the server sent {last})")
+        elif status == "409":
+            self._mark_stale(f"the server ended it: {msg.header('Description')}")
+        else:
+            log.debug("watch on %s: ignoring status %s", self.subject, status)
+
+    def _on_entry(self, msg: Message) -> None:
+        parsed = _delivery(msg.reply)
+        if parsed is not None:
+            consumer_seq, identity = parsed
+            if consumer_seq != self._next_seq:
+                self._mark_stale(f"entry {consumer_seq} came where {self._next_seq} was due")
+                return
+            self._next_seq += 1
+            if identity == self._last_entry:
+                return  # handed on already, read again by a recreated consumer
+            self._last_entry = identity
+        self._entries.append(msg)
+        self._wakeup.set()
+
+
+def _delivery(reply: str) -> tuple[int, str] | None:
+    """The consumer sequence and the stream sequence and time from a push delivery's ack
+    subject, or None if it is none.
+
+    v1: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``;
+    v2 adds domain and account hash after ``$JS.ACK`` and a random token at the end.
+    """
+    parts = reply.split(".")
+    if len(parts) == 9:
+        parts[2:2] = ["", ""]
+    if len(parts) < 11 or parts[0] != "$JS" or parts[1] != "ACK" or not parts[8].isdigit():
+        return None
+    return int(parts[8]), f"{parts[7]}@{parts[9]}"
 
 
 def _no_stream(subject: str) -> NoResponders:

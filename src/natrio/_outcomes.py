@@ -1,144 +1,37 @@
-"""Outcome publishing: events, replies to waiting clients, dead letters, and the acks that follow.
+"""Outcome publishing: events, replies to waiting clients and dead letters.
 
-Every terminal outcome is made durable before the task message is acknowledged: the
-completion (or dead) event is published with a ``Nats-Msg-Id`` derived from the step and
-the task's stream sequence, and awaited, and only then is ``+ACK`` (or ``+TERM``) sent.
-A crash between the two leads to a redelivery whose event the stream drops as a
-duplicate, and which the dispatcher recognises before running the handler again.
+Every terminal outcome is made durable before the task message is settled: the completion
+(or dead) event is published with a ``Nats-Msg-Id`` derived from the step and the task's
+stream sequence, and awaited, and only then does the dispatcher send ``+ACK`` (or
+``+TERM``). A crash between the two leads to a redelivery whose event the stream drops as
+a duplicate, and which the dispatcher recognises before running the handler again.
+Settling is the dispatcher's (one settlement per delivery); this module only publishes.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
-import traceback as tb
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 import attrs
 import trio
 
 from . import _wire as wire
-from ._asyncio.bridge import Connection, Headers, Message
-from ._errors import ConnectionClosed, Fatal, NatrioError, NoResponders, RequestTimeout, Retryable
+from ._errors import ConnectionClosed, NatrioError, NoResponders, RequestTimeout
 from ._jetstream import JetStream
-from ._retry import RetryPolicy
+from ._model import DeadLetter, Task, TaskError, truncate
+from ._objects import ObjectStore
+from ._transport import Connection, Headers, Message
 
 log = logging.getLogger("natrio.outcomes")
 
-_NS = 1_000_000_000
-
-
-@attrs.frozen
-class Task:
-    """One delivery of a task, as read off the wire. Frozen: middleware and hooks get this value.
-
-    ``attempt`` is 1-based and counts deliveries (from the ack subject) less pauses;
-    ``delivered`` is the raw delivery count; ``seq`` is the task's sequence in the task
-    stream; ``deadline`` is a Unix time or None; ``retry`` is the policy sent with the
-    task, if any; ``reply`` the subject a waiting client listens on, if any;
-    ``iteration`` counts agent-loop iterations from 1; ``resumed`` is true on the first
-    delivery after a pause.
-    """
-
-    task_type: str
-    group: str
-    run_id: str
-    step_id: str
-    input: bytes
-    headers: Mapping[str, str]
-    attempt: int
-    seq: int
-    deadline: float | None = None
-    retry: RetryPolicy | None = None
-    reply: str | None = None
-    iteration: int = 1
-    resumed: bool = False
-    delivered: int = 0
-
-    @property
-    def retry_count(self) -> int:
-        """Retries before this attempt (0-based)."""
-        return self.attempt - 1
-
-
-@attrs.frozen
-class TaskError:
-    """Why a task attempt failed: exception type, message, traceback, and a kind.
-
-    Kinds: ``error`` (an exception, retried per policy), ``fatal`` (no retries wanted),
-    ``exhausted`` (the last allowed attempt failed), ``decode`` (the input could not be
-    decoded), ``malformed`` (the message itself is not a valid task), ``timeout`` (the
-    handler's timeout expired), ``deadline`` (the task's deadline passed), ``iterations``
-    (an agent loop reached ``max_iterations``).
-    """
-
-    type: str
-    message: str
-    traceback: str = ""
-    kind: str = "error"
-    attempts: int = 0
-
-    @classmethod
-    def from_exception(cls, exc: BaseException, *, kind: str, attempts: int) -> TaskError:
-        """Describe ``exc``; a Fatal or Retryable wrapping another exception describes that one."""
-        shown: BaseException = exc
-        if isinstance(exc, Fatal | Retryable) and isinstance(exc.reason, BaseException):
-            shown = exc.reason
-        text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(type(shown).__name__, str(shown), text, kind, attempts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The error as JSON-ready data."""
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TaskError:
-        """Read an error written by :meth:`to_dict`."""
-        return cls(
-            type=str(data.get("type", "")),
-            message=str(data.get("message", "")),
-            traceback=str(data.get("traceback", "")),
-            kind=str(data.get("kind", "error")),
-            attempts=int(data.get("attempts", 0)),
-        )
-
-
-@attrs.frozen
-class DeadLetter:
-    """A dead-letter entry: the original task, why it died, where and when."""
-
-    task_type: str
-    group: str
-    run_id: str
-    step_id: str
-    subject: str
-    input: bytes
-    headers: Mapping[str, str]
-    error: TaskError
-    attempts: int
-    worker_id: str
-    time: str
-    task_seq: int = 0
-
-    def to_json(self) -> bytes:
-        """The entry as stored in the dead-letter stream."""
-        data = attrs.asdict(self, recurse=False)
-        data["input"] = base64.b64encode(self.input).decode()
-        data["headers"] = dict(self.headers)
-        data["error"] = self.error.to_dict()
-        return json.dumps(data).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> DeadLetter:
-        """Read an entry written by :meth:`to_json`."""
-        data = json.loads(raw)
-        data["input"] = base64.b64decode(data["input"])
-        data["error"] = TaskError.from_dict(data["error"])
-        return cls(**data)
+#: Room left in a message for what is not the payload (the publish's own headers).
+HEADROOM = 1024
+#: How much of a task's headers a dead-letter entry keeps inline.
+MAX_DEAD_HEADERS = 16384
 
 
 def now_iso() -> str:
@@ -146,12 +39,35 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def shown_subject(subject: str) -> str:
+    """A received subject as text fit to store: bytes that are not UTF-8 as ``\\x..``."""
+    text = subject.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return truncate(text, 4096)
+
+
+def bounded_headers(headers: Mapping[str, str], limit: int = MAX_DEAD_HEADERS) -> dict[str, str]:
+    """``headers`` cut to about ``limit`` characters: long values shortened, then later
+    headers left out (natrio's own come first)."""
+    ordered = sorted(headers.items(), key=lambda item: not item[0].startswith(("Natrio-", "Nats-")))
+    out: dict[str, str] = {}
+    used = 0
+    for name, value in ordered:
+        name, value = truncate(name, 256), truncate(value, 2048)
+        used += len(name) + len(value) + 8
+        if used > limit:
+            out["Natrio-Headers-Cut"] = str(len(headers) - len(out))
+            break
+        out[name] = value
+    return out
+
+
 class Reporter:
-    """Publishes outcomes for one worker and sends the acks that follow them."""
+    """Publishes the outcomes of one worker's tasks."""
 
     def __init__(self, conn: Connection, worker_id: str, *, publish_timeout: float = 2.0) -> None:
         self.conn = conn
         self.js = JetStream(conn, timeout=publish_timeout)
+        self.dead_inputs = ObjectStore(self.js, wire.DEAD_INPUTS_BUCKET)
         self.worker_id = worker_id
         # How long to keep retrying a durable publish (server restarting, leader moving)
         # before leaving the task to be redelivered.
@@ -159,24 +75,9 @@ class Reporter:
         # Set by a shutdown that has run out of grace: no retrying past it.
         self.hard_deadline = math.inf
 
-    # -- acks -------------------------------------------------------------------------
-
-    def ack(self, msg: Message) -> None:
-        """Acknowledge: the task is done and leaves the work queue."""
-        self.conn.publish_nowait(msg.reply, b"+ACK")
-
-    def nak(self, msg: Message, delay: float = 0.0) -> None:
-        """Negative ack: redeliver, at once or after ``delay`` seconds."""
-        payload = b"-NAK" if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * _NS)
-        self.conn.publish_nowait(msg.reply, payload)
-
-    def term(self, msg: Message) -> None:
-        """Terminate: never redeliver."""
-        self.conn.publish_nowait(msg.reply, b"+TERM")
-
-    def in_progress(self, msg: Message) -> None:
-        """Reset the ack timer (``+WPI``)."""
-        self.conn.publish_nowait(msg.reply, b"+WPI")
+    def fits(self, payload: bytes) -> bool:
+        """Whether ``payload`` fits in one event beside natrio's headers."""
+        return len(payload) + HEADROOM <= self.conn.max_payload
 
     # -- events -----------------------------------------------------------------------
 
@@ -260,7 +161,11 @@ class Reporter:
         )
 
     def announce(self, task: Task, payload: bytes, headers: Mapping[str, str]) -> None:
-        """Tell a waiting client the outcome (after the ack)."""
+        """Tell a waiting client the outcome (after the settlement).
+
+        ``task.reply`` is set only for reply subjects under the inbox prefix (the wire
+        edge checks it), so a task cannot steer where a worker publishes.
+        """
         if task.reply:
             self.conn.publish_nowait(task.reply, payload, headers=headers)
 
@@ -272,8 +177,9 @@ class Reporter:
             headers=self._headers(task),
         )
 
-    async def continued(self, task: Task, msg: Message, next_input: bytes) -> None:
-        """Enqueue the step's next iteration (once, even if this runs twice), record it, ack."""
+    async def continued(self, task: Task, subject: str, next_input: bytes) -> None:
+        """Enqueue the step's next iteration on ``subject`` (once, even if this runs twice)
+        and record the ``continued`` event; the caller acks."""
         headers = {
             k: v for k, v in task.headers.items() if not k.startswith("Nats-") or k == wire.H_MSG_ID
         }
@@ -281,7 +187,7 @@ class Reporter:
             task.task_type, task.run_id, task.step_id, task.iteration + 1
         )
         headers[wire.H_ITERATION] = str(task.iteration + 1)
-        await self._publish_durably(msg.subject, next_input, headers)
+        await self._publish_durably(subject, next_input, headers)
         await self._publish_durably(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.CONTINUED),
             next_input,
@@ -295,40 +201,18 @@ class Reporter:
                 },
             ),
         )
-        self.ack(msg)
 
-    def failed(self, task: Task, msg: Message, error: TaskError, delay: float) -> None:
-        """Record a failed attempt that will be retried, and NAK it with the retry delay."""
+    def failed(self, task: Task, error: TaskError, delay: float) -> None:
+        """Publish a ``failed`` event for an attempt that will be retried (not awaited)."""
         payload = json.dumps(error.to_dict() | {"retry_in": delay}).encode()
         self.conn.publish_nowait(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.FAILED),
             payload,
             headers=self._headers(task),
         )
-        self.nak(msg, delay)
 
-    async def dead(
-        self, task: Task, msg: Message, error: TaskError
-    ) -> tuple[bytes, dict[str, str]]:
-        """Write the dead-letter entry and the ``dead`` event; returns the payload and headers
-        to :meth:`announce` it with."""
-        entry = DeadLetter(
-            task_type=task.task_type,
-            group=task.group,
-            run_id=task.run_id,
-            step_id=task.step_id,
-            subject=msg.subject,
-            input=task.input,
-            headers=dict(task.headers),
-            error=error,
-            attempts=task.attempt,
-            worker_id=self.worker_id,
-            time=now_iso(),
-            task_seq=task.seq,
-        )
-        await self.dead_letter(entry, msg)
-        payload = json.dumps(error.to_dict()).encode()
-        headers = self._headers(
+    def _dead_headers(self, task: Task) -> dict[str, str]:
+        return self._headers(
             task,
             **{
                 wire.H_MSG_ID: wire.outcome_msg_id(
@@ -337,6 +221,29 @@ class Reporter:
                 wire.H_OUTCOME: wire.DEAD,
             },
         )
+
+    async def dead(
+        self, task: Task, subject: str, error: TaskError
+    ) -> tuple[bytes, dict[str, str]]:
+        """Write the dead-letter entry and the ``dead`` event; returns the payload and headers
+        to :meth:`announce` it with."""
+        entry = DeadLetter(
+            task_type=task.task_type,
+            group=task.group,
+            run_id=task.run_id,
+            step_id=task.step_id,
+            subject=subject,
+            input=task.input,
+            headers=bounded_headers(task.headers),
+            error=error,
+            attempts=task.attempt,
+            worker_id=self.worker_id,
+            time=now_iso(),
+            task_seq=task.seq,
+        )
+        await self.dead_letter(entry)
+        payload = json.dumps(error.to_dict()).encode()
+        headers = self._dead_headers(task)
         await self._publish_durably(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.DEAD),
             payload,
@@ -344,45 +251,83 @@ class Reporter:
         )
         return payload, headers
 
-    async def dead_letter(self, entry: DeadLetter, msg: Message) -> None:
-        """Store a dead-letter entry (deduplicated per task message)."""
+    async def dead_letter(self, entry: DeadLetter) -> None:
+        """Store a dead-letter entry (deduplicated per task message), always within one message.
+
+        An input that does not fit beside the entry goes to the ``natrio_dead_inputs``
+        object store first, and the entry refers to it.
+        """
+        raw = entry.to_json()
+        if not self.fits(raw):
+            name = f"dlq-{entry.task_seq}" if entry.task_seq else f"dlq-{now_iso()}"
+            await self.dead_inputs.put(name, entry.input)
+            entry = attrs.evolve(entry, input=b"", input_ref=name)
+            raw = entry.to_json()
+            if not self.fits(raw):
+                # Only a server with a tiny max_payload gets here: keep what fits.
+                error = attrs.evolve(
+                    entry.error, traceback="", message=truncate(entry.error.message, 256)
+                )
+                entry = attrs.evolve(
+                    entry, headers=bounded_headers(entry.headers, 1024), error=error
+                )
+                raw = entry.to_json()
         await self._publish_durably(
             wire.dead_subject(entry.task_type, entry.group, entry.run_id, entry.step_id),
-            entry.to_json(),
+            raw,
             {wire.H_MSG_ID: f"dlq:{entry.task_seq}"} if entry.task_seq else {},
         )
 
-    async def malformed(self, msg: Message, reason: str) -> None:
-        """Dead-letter a message that is not a valid task, and terminate it."""
-        parsed = wire.parse_task_subject(msg.subject)
-        tokens = msg.subject.split(".")
-        task_type = parsed[0] if parsed else (tokens[2] if len(tokens) > 2 else "unknown")
-        group = parsed[1] if parsed else (tokens[3] if len(tokens) > 3 else "unknown")
-        try:
-            attempts, seq = wire.parse_ack_subject(msg.reply)
-        except ValueError:
-            attempts, seq = 1, 0
+    async def malformed(
+        self,
+        msg: Message,
+        reason: str,
+        *,
+        task_type: str,
+        group: str,
+        seq: int,
+        attempts: int,
+        ids: tuple[str, str] | None,
+        reply: str | None,
+    ) -> None:
+        """Dead-letter a message that is not a valid task (the caller terminates it).
+
+        The entry goes under the consumer's task type and group, with the message's run
+        and step ids when those are valid (else ``malformed`` and ``seq<N>``); then the
+        step gets a ``dead`` event and ``reply`` (a valid inbox subject, or None) an answer.
+        """
+        run_id, step_id = ids or ("malformed", f"seq{seq}")
+        error = TaskError("MalformedTask", truncate(reason, 1024), "", "malformed", attempts)
         entry = DeadLetter(
             task_type=task_type,
             group=group,
-            run_id=parsed[2] if parsed else "malformed",
-            step_id=parsed[3] if parsed else str(seq),
-            subject=msg.subject,
+            run_id=run_id,
+            step_id=step_id,
+            subject=shown_subject(msg.subject),
             input=msg.data,
-            headers=dict(msg.headers or {}),
-            error=TaskError("MalformedTask", reason, "", "malformed", attempts),
+            headers=bounded_headers(msg.headers or {}),
+            error=error,
             attempts=attempts,
             worker_id=self.worker_id,
             time=now_iso(),
             task_seq=seq,
         )
-        await self.dead_letter(entry, msg)
-        self.term(msg)
+        await self.dead_letter(entry)
+        if ids is None:
+            return
+        task = Task(task_type, group, run_id, step_id, b"", {}, attempts, seq)
+        payload = json.dumps(error.to_dict()).encode()
+        headers = self._dead_headers(task)
+        await self._publish_durably(
+            wire.event_subject(task_type, run_id, step_id, wire.DEAD), payload, headers
+        )
+        if reply:
+            self.conn.publish_nowait(reply, payload, headers=headers)
 
-    async def finish_if_done(self, task: Task, msg: Message) -> bool:
+    async def finish_if_done(self, task: Task) -> str | None:
         """If this very task message already completed, continued or died (a redelivery
-        after a crash between recording that and the ack or TERM), tell a waiting client
-        again, settle the message the same way, and return True."""
+        after a crash between recording that and the settlement), tell a waiting client
+        again and return how to settle it now (``"ack"`` or ``"term"``), else None."""
         for kind in (wire.COMPLETED, wire.CONTINUED, wire.DEAD):
             last = await self.js.last_message(
                 wire.EVENT_STREAM,
@@ -391,14 +336,12 @@ class Reporter:
             if last is None or last.header(wire.H_TASK_SEQ) != str(task.seq):
                 continue
             if kind == wire.DEAD:
-                self.term(msg)  # dead-lettered already; only the TERM was lost
-                return True
+                return "term"  # dead-lettered already; only the TERM was lost
             if kind == wire.COMPLETED and task.reply:
                 self.conn.publish_nowait(
                     task.reply,
                     last.data,
                     headers={wire.H_OUTCOME: wire.COMPLETED, wire.H_TASK_SEQ: str(task.seq)},
                 )
-            self.ack(msg)
-            return True
-        return False
+            return "ack"
+        return None

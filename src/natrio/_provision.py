@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from . import _wire as wire
-from ._asyncio.bridge import Connection
 from ._errors import ConfigurationError
 from ._jetstream import JetStream
+from ._objects import object_stream_config
+from ._transport import Connection
 
 _NS = 1_000_000_000
 
@@ -59,6 +60,8 @@ async def provision(
     - ``NATRIO_EVENTS`` (``natrio.event.>``): started, completed, failed, dead, paused and continued events, kept
       ``events_max_age`` seconds; results of finished tasks are read from here.
     - ``NATRIO_DLQ`` (``natrio.dead.>``): dead-letter entries, kept ``dead_letter_max_age``.
+    - Object store ``natrio_dead_inputs``: inputs of dead letters too large to sit in
+      their entry, kept as long as the entries.
     - KV ``natrio_workers``: the worker directory; an entry expires ``worker_ttl`` seconds
       after its last heartbeat. KV ``natrio_checkpoints``, ``natrio_signals`` and
       ``natrio_groups`` are created too (no expiry).
@@ -107,6 +110,11 @@ async def provision(
             "allow_direct": True,
             **common,
         }
+    )
+    await js.ensure_stream(
+        object_stream_config(
+            wire.DEAD_INPUTS_BUCKET, max_age=dead_age, replicas=replicas, storage=storage
+        )
     )
     await js.ensure_stream(
         kv_stream_config(wire.WORKERS_BUCKET, ttl=worker_ttl, replicas=replicas, storage=storage)

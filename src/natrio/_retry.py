@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -13,8 +14,10 @@ from ._errors import ConfigurationError, Fatal
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value >= 0:
-        raise ConfigurationError(f"RetryPolicy.{attribute.name} must be >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ConfigurationError(
+            f"RetryPolicy.{attribute.name} must be a finite number >= 0, got {value!r}"
+        )
 
 
 def _exception_names(value: Iterable[type[BaseException] | str]) -> tuple[str, ...]:
@@ -55,8 +58,14 @@ class RetryPolicy:
 
     @backoff_coefficient.validator
     def _check_coefficient(self, _attribute: object, value: float) -> None:
-        if not value >= 1.0:
-            raise ConfigurationError(f"RetryPolicy.backoff_coefficient must be >= 1, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 1 <= value < math.inf
+        ):
+            raise ConfigurationError(
+                f"RetryPolicy.backoff_coefficient must be finite and >= 1, got {value!r}"
+            )
 
     @maximum_attempts.validator
     def _check_attempts(self, _attribute: object, value: int) -> None:
@@ -67,7 +76,7 @@ class RetryPolicy:
 
     @jitter.validator
     def _check_jitter(self, _attribute: object, value: float) -> None:
-        if not 0.0 <= value <= 1.0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
             raise ConfigurationError(f"RetryPolicy.jitter must be within [0, 1], got {value!r}")
 
     def delay(self, attempt: int) -> float:

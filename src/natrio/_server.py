@@ -27,8 +27,8 @@ from typing import IO, Any, Final
 
 import trio
 
-from ._asyncio.bridge import Connection, connect
 from ._errors import ConfigurationError, ConnectError, ServerError
+from ._transport import Connection, connect
 
 __all__ = ["EmbeddedServer", "embedded_server", "find_nats_server"]
 

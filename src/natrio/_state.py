@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import attrs
 import trio
 
 from . import _wire as wire
-from ._asyncio.bridge import Connection
-from ._errors import NatrioError
+from ._errors import SignalTimeout
 from ._jetstream import JetStream, KeyValue
-
-
-class SignalTimeout(NatrioError):
-    """Raised by ``ctx.wait_for_signal`` when no signal came in time.
-
-    Unless the handler catches it, it is an ordinary (retryable) failure of the attempt.
-    """
-
-
-@attrs.frozen
-class PauseRecord:
-    """How often one task message was handed back without failing, and when it last paused.
-
-    Pauses and shutdown returns are NAKs, which the server counts as deliveries;
-    subtracting them keeps the attempt number (and the retry budget) what it was.
-    """
-
-    seq: int
-    pauses: int
-    delivered_at_last_pause: int
-    returns: int = 0
-
-    def to_json(self) -> bytes:
-        """The record as stored."""
-        return json.dumps(attrs.asdict(self)).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> PauseRecord:
-        """Read a stored record."""
-        return cls(**json.loads(raw))
+from ._model import PauseRecord
+from ._transport import Connection
 
 
 class StepState:
@@ -103,12 +72,14 @@ class StepState:
         """The signal's data, as soon as it exists; SignalTimeout after ``timeout`` seconds.
 
         A KV watch: the current value (a signal sent before the wait began) and then every
-        update, from one consumer, so none is missed.
+        update, from one consumer, so none is missed. The watch recreates its consumer
+        when the server loses it (a restart, a reconnect, missed heartbeats), reading the
+        current value again, so a signal sent meanwhile or afterwards is seen too.
         """
         key = wire.signal_key(run_id, name)
         with trio.move_on_after(timeout):
-            async with self.signals.watch(key) as updates:
-                async for msg in updates:
-                    if msg.status is None and msg.header("KV-Operation") not in ("DEL", "PURGE"):
-                        return msg.data
+            async with self.signals.watch(key) as entries:
+                async for entry in entries:
+                    if entry.header("KV-Operation") not in ("DEL", "PURGE"):
+                        return entry.data
         raise SignalTimeout(f"no signal {name!r} for run {run_id} within {timeout} s")

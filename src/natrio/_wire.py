@@ -32,6 +32,8 @@ WORKERS_BUCKET: Final = "natrio_workers"
 CHECKPOINTS_BUCKET: Final = "natrio_checkpoints"
 SIGNALS_BUCKET: Final = "natrio_signals"
 GROUPS_BUCKET: Final = "natrio_groups"
+#: Object store bucket for dead-letter inputs too large to sit in their entry.
+DEAD_INPUTS_BUCKET: Final = "natrio_dead_inputs"
 
 DEFAULT_GROUP: Final = "default"
 

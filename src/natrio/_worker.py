@@ -18,16 +18,17 @@ import attrs
 import trio
 
 from . import _wire as wire
-from ._asyncio.bridge import Connection
-from ._codec import DecodeError, decode
+from ._codec import decode
 from ._consumer import PullConsumer
 from ._context import TaskContext
-from ._directory import Registration, WorkerInfo
-from ._dispatcher import Dispatcher, DispatcherStatistics, Handler, Route, StepHooks
-from ._errors import ConfigurationError, Fatal, NatrioError
+from ._directory import Registration
+from ._dispatch import Dispatcher, DispatcherStatistics, Handler, Route, StepHooks
+from ._errors import ConfigurationError, ConnectionClosed, DecodeError, Fatal, NatrioError
 from ._jetstream import JetStream
+from ._model import WorkerInfo
 from ._outcomes import Reporter, now_iso
 from ._retry import RetryPolicy
+from ._transport import Connection
 from ._util import single_error
 from ._version import __version__
 from .middleware import Middleware
@@ -419,14 +420,16 @@ class Worker:
                     window=self.prefetch,
                     recreate=recreate,
                 )
-                consumer.sink = dispatcher.sink(route, consumer)
+                consumer.sink = dispatcher.sink(route, group, consumer)
                 consumers.append(consumer)
         self._consumers = consumers
+        failing = False
         try:
             with single_error():
                 async with trio.open_nursery() as nursery:
                     try:
                         await nursery.start(dispatcher.run)
+                        nursery.start_soon(self._watch_for_faults, dispatcher)
                         for consumer in consumers:
                             await nursery.start(consumer.run)
                         await registration.register()
@@ -434,11 +437,17 @@ class Worker:
                         log.info("worker %s serving %s", self.worker_id, ", ".join(self.task_types))
                         task_status.started()
                         await self._stop.wait()
+                    except BaseException:
+                        # A fault ends the worker: hand everything back at once.
+                        failing = dispatcher.failed.is_set() or self.nc.closed
+                        raise
                     finally:
                         # Also when starting failed: the dispatcher's shielded keep-alive
                         # loop ends only here.
                         with trio.CancelScope(shield=True):
-                            await self._shutdown(dispatcher, consumers, registration)
+                            await self._shutdown(
+                                dispatcher, consumers, registration, grace=0.0 if failing else None
+                            )
                         nursery.cancel_scope.cancel()
         finally:
             self._running = False
@@ -446,10 +455,32 @@ class Worker:
             self._stop = trio.Event()
             self._grace = None
 
+    async def _watch_for_faults(self, dispatcher: Dispatcher) -> None:
+        # Faults the worker cannot survive end run() with the error (after the bounded
+        # shutdown), never a worker that stays registered and serves nothing.
+        async with trio.open_nursery() as nursery:
+
+            async def connection_lost() -> None:
+                await self.nc.wait_closed_for_good()
+                raise ConnectionClosed(
+                    f"the connection to {self.nc.url} closed and will not reconnect"
+                )
+
+            nursery.start_soon(connection_lost)
+            await dispatcher.failed.wait()
+            assert dispatcher.failure is not None
+            raise dispatcher.failure
+
     async def _shutdown(
-        self, dispatcher: Dispatcher, consumers: list[PullConsumer], registration: Registration
+        self,
+        dispatcher: Dispatcher,
+        consumers: list[PullConsumer],
+        registration: Registration,
+        *,
+        grace: float | None = None,
     ) -> None:
-        grace = self.shutdown_grace if self._grace is None else self._grace
+        if grace is None:
+            grace = self.shutdown_grace if self._grace is None else self._grace
         log.info("worker %s stopping (grace %.1f s)", self.worker_id, grace)
         # From here on every arriving message is NAK'd at once. The steps below are bounded
         # so that the whole shutdown takes at most grace + 1 s.

@@ -27,9 +27,9 @@ from typing import Any
 import attrs
 import trio
 
-from ._context import ExecutionPaused, TaskContext
-from ._errors import ConfigurationError, HandlerTimeout
-from ._outcomes import Task
+from ._context import TaskContext
+from ._errors import ConfigurationError, ExecutionPaused, HandlerTimeout
+from ._model import Task
 
 __all__ = ["Invocation", "Middleware", "Next", "log", "metrics", "timeout"]
 

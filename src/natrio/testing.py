@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import trio
 
-from ._asyncio.bridge import Connection, connect
 from ._client import Client
 from ._provision import provision
 from ._server import EmbeddedServer
+from ._transport import Connection, connect
 from ._worker import Worker
 
 

@@ -1,2 +1,3 @@
-"""Everything natrio runs on asyncio: the connection bridge, and the plain nats-py baselines
-``natrio bench`` measures natrio against. No other module imports asyncio, trio_asyncio or nats."""
+"""Everything natrio runs on asyncio: the adapter over nats-py (:mod:`.nats_client`) and the
+plain nats-py baselines ``natrio bench`` measures natrio against. No other module imports
+asyncio, trio_asyncio or nats."""

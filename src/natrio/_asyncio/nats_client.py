@@ -1,0 +1,320 @@
+"""The one place natrio touches nats-py: its client on a trio-asyncio loop, with fast lanes,
+direct socket writes, and the connect that tells refused credentials from a server not up yet.
+
+This code reaches into nats-py internals (``_process_msg``, ``_pending``, the transport's
+write buffer), so it is tied to the nats-py versions it is tested with; importing it with
+another raises ImportError saying which versions work.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import nats
+import nats.aio.client
+import nats.errors
+import trio
+import trio_asyncio
+
+from .._errors import ConnectError, RequestTimeout
+from .._transport.protocol import parse_headers, redact
+
+log = logging.getLogger("natrio.connection")
+
+#: The nats-py releases this adapter is tested with (lowest included, highest excluded).
+SUPPORTED_NATS_PY: tuple[tuple[int, int], tuple[int, int]] = ((2, 16), (2, 17))
+
+
+def _check_version() -> None:
+    found = importlib.metadata.version("nats-py")
+    parts = tuple(int(p) for p in found.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_NATS_PY
+    if not low <= parts < high:
+        raise ImportError(
+            f"natrio needs nats-py >={low[0]}.{low[1]},<{high[0]}.{high[1]} (it uses "
+            f"nats-py internals tested with those releases), but nats-py {found} is installed"
+        )
+
+
+_check_version()
+
+# A lane: where a subscription's messages go, called synchronously by nats-py's read loop
+# with the subject, reply subject (both bytes), payload and parsed headers.
+Lane = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
+
+# Above this many bytes waiting in the socket's buffer, publishes go through nats-py's own
+# pending buffer and flusher, which waits for the socket to drain.
+_DIRECT_WRITE_LIMIT = 1 << 20
+
+
+class _Client(nats.aio.client.Client):
+    """nats-py's client with fast lanes for natrio's subscriptions.
+
+    nats-py hands each message of a callback subscription to an asyncio queue and a task
+    per subscription; under trio-asyncio that hop costs more than everything else natrio
+    does with the message. A lane is a plain function the read loop calls at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes: dict[int, Lane] = {}
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        # nats-py passes None for ``headers`` when a message has none.
+        lane = self.lanes.get(sid)
+        if lane is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        try:
+            lane(subject, reply, data, parse_headers(headers) if headers else None)
+        except Exception:
+            # Whatever a lane does wrong must not end nats-py's read loop.
+            log.exception("handling a message on %r failed", subject)
+
+    async def subscribe_lane(self, subject: str, queue: str, lane: Lane) -> Any:
+        # The lane is in place before the SUB can reach the server: subscribe() queues it
+        # without yielding to the read loop.
+        sub = await self.subscribe(subject, queue=queue)
+        self.lanes[sub._id] = lane
+        return sub
+
+
+class NatsLink:
+    """One connected nats-py client as the Trio side uses it: state, subscriptions by lane,
+    batched writes, flush and close. Only :func:`open_link` makes one."""
+
+    def __init__(self, client: _Client, loop: Any) -> None:
+        self._client = client
+        self._loop = loop
+        self._subs: dict[int, Any] = {}
+
+    def _aio(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return trio_asyncio.aio_as_trio(fn, loop=self._loop)  # type: ignore[no-any-return]
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether nats-py has closed the connection (it then never reconnects)."""
+        return bool(self._client.is_closed)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up right now."""
+        return bool(self._client.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        """The server's max_payload."""
+        return int(self._client.max_payload)
+
+    @property
+    def server_version(self) -> str:
+        """The version the connected server reports."""
+        return str(self._client.connected_server_version)
+
+    @property
+    def url(self) -> str | None:
+        """The URL connected to, credentials redacted."""
+        url = self._client.connected_url
+        return redact(str(url.geturl())) if url else None
+
+    @property
+    def inbox_prefix(self) -> str:
+        """The prefix of the connection's inboxes (``_INBOX`` unless set on connect)."""
+        return bytes(self._client._inbox_prefix).decode()
+
+    def new_inbox(self) -> str:
+        """A unique subject under the connection's inbox prefix."""
+        return str(self._client.new_inbox())
+
+    def stats(self) -> dict[str, int]:
+        """nats-py's counters."""
+        return dict(self._client.stats)
+
+    # -- subscriptions ----------------------------------------------------------------
+
+    async def subscribe(self, subject: str, queue: str, lane: Lane) -> int:
+        """Subscribe with ``lane`` receiving every message; returns the subscription id."""
+        sub = await self._aio(self._client.subscribe_lane)(subject, queue, lane)
+        self._subs[sub._id] = sub
+        return int(sub._id)
+
+    async def drain(self, sid: int) -> None:
+        """Remove interest and wait until what the server sent has arrived (errors logged)."""
+        sub = self._subs.get(sid)
+        if sub is None or self.closed:
+            return
+        try:
+            await self._aio(sub.drain)()
+        except nats.errors.Error as exc:
+            log.debug("draining %s: %r", sub.subject, exc)
+            return
+        # Drained, so nats-py has removed it: nothing left to unsubscribe.
+        self._subs.pop(sid, None)
+        self._client.lanes.pop(sid, None)
+
+    async def unsubscribe(self, sid: int) -> None:
+        """Remove interest at once and forget the lane (errors logged)."""
+        sub = self._subs.pop(sid, None)
+        self._client.lanes.pop(sid, None)
+        if sub is None or self.closed:
+            return
+        try:
+            await self._aio(sub.unsubscribe)()
+        except nats.errors.Error as exc:
+            log.debug("unsubscribing %s: %r", sub.subject, exc)
+
+    # -- writing ----------------------------------------------------------------------
+
+    def write(self, commands: list[bytes], size: int) -> str | None:
+        """Hand encoded commands to the socket in order; returns why not, or None.
+
+        Straight to the socket when nats-py has nothing of its own waiting, else behind
+        its pending buffer (which also holds them while reconnecting).
+        """
+        nc = self._client
+        if nc.is_closed:
+            return "the connection is closed"
+        if nc.is_connected and not nc._pending and _buffered(nc) < _DIRECT_WRITE_LIMIT:
+            try:
+                nc._transport.writelines(commands)  # type: ignore[union-attr]
+            except (OSError, RuntimeError, AttributeError) as exc:
+                return repr(exc)
+        elif nc.is_connected or (
+            nc._max_pending_size > 0 and nc._pending_data_size + size <= nc._max_pending_size
+        ):
+            nc._pending.extend(commands)
+            nc._pending_data_size += size
+            if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
+                nc._flush_queue.put_nowait(self._loop.create_future())
+        else:
+            return "reconnecting, and the reconnect buffer is full"
+        nc.stats["out_msgs"] += len(commands)
+        nc.stats["out_bytes"] += size
+        return None
+
+    async def flush(self, timeout: float) -> None:  # noqa: ASYNC109 - nats-py's own timeout
+        """Wait until the server has seen everything written; RequestTimeout if it did not."""
+        try:
+            await self._aio(self._client.flush)(timeout)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise RequestTimeout(f"flush did not complete: {exc!r}") from None
+
+    async def close(self) -> None:
+        """Close the nats-py client."""
+        await self._aio(self._client.close)()
+
+
+def _buffered(nc: Any) -> int:
+    """Bytes waiting in the socket's write buffer."""
+    try:
+        return int(nc._transport._io_writer.transport.get_write_buffer_size())
+    except AttributeError:  # another kind of transport (websocket)
+        return 0
+
+
+class _Refused(Exception):
+    """The server refused us for good (credentials, TLS): raised out of nats-py's connect."""
+
+    def __init__(self, reason: Exception) -> None:
+        super().__init__(type(reason).__name__)
+        self.reason = reason
+
+
+def _refused(exc: Exception) -> bool:
+    # nats-py reports a refused CONNECT as a plain nats.errors.Error whose text names the
+    # violation, and TLS failures as ssl errors.
+    if isinstance(exc, nats.errors.AuthorizationError | ssl.SSLError):
+        return True
+    text = str(exc).lower()
+    return "authorization violation" in text or "authentication" in text
+
+
+@asynccontextmanager
+async def open_link(
+    urls: list[str],
+    shown: str,
+    connect_timeout: float,
+    options: Mapping[str, Any],
+    *,
+    on_reconnect: Callable[[], None],
+    on_closed: Callable[[], None],
+) -> AsyncIterator[NatsLink]:
+    """A trio-asyncio loop and a connected nats-py client on it, for the ``async with`` body.
+
+    ``shown`` is how the URLs appear in messages (redacted). Raises ConnectError when no
+    connection was made within ``connect_timeout``, at once for refused credentials or a
+    failed TLS handshake. ``on_reconnect`` and ``on_closed`` are called in Trio's thread.
+    """
+    async with trio_asyncio.open_loop() as loop:
+        state: dict[str, Any] = {"connected": False, "last_error": None}
+
+        async def error_cb(exc: Exception) -> None:
+            state["last_error"] = exc
+            if not state["connected"] and _refused(exc):
+                # Wrong credentials or certificates will not get better by retrying: fail
+                # the first connect now instead of trying until connect_timeout.
+                raise _Refused(exc)
+            if state["connected"]:
+                log.warning(
+                    "NATS connection to %s: %s", shown, redact(str(exc)) or type(exc).__name__
+                )
+            # Before the first connection the error ends up in ConnectError instead.
+
+        async def disconnected_cb() -> None:
+            if state["connected"]:
+                log.info("disconnected from %s", shown)
+
+        async def reconnected_cb() -> None:
+            log.info("reconnected to %s", shown)
+            on_reconnect()
+
+        async def closed_cb() -> None:
+            if state["connected"]:
+                on_closed()
+
+        client = _Client()
+        connected = False
+        with trio.move_on_after(connect_timeout):
+            try:
+                await trio_asyncio.aio_as_trio(client.connect, loop=loop)(
+                    servers=urls,
+                    error_cb=error_cb,
+                    disconnected_cb=disconnected_cb,
+                    reconnected_cb=reconnected_cb,
+                    closed_cb=closed_cb,
+                    **options,
+                )
+                connected = True
+            except _Refused as refused:
+                cause = refused.reason
+                detail = (
+                    "TLS handshake failed"
+                    if isinstance(cause, ssl.SSLError)
+                    else "authorization failed"
+                )
+                raise ConnectError(
+                    f"could not connect to {shown}: {detail} ({redact(str(cause)) or type(cause).__name__})"
+                ) from None
+            except nats.errors.AuthorizationError:
+                raise ConnectError(f"could not connect to {shown}: authorization failed") from None
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise ConnectError(
+                    f"could not connect to {shown}: {redact(str(exc)) or type(exc).__name__}"
+                ) from None
+        if not connected:
+            last = state["last_error"]
+            reason = f": {redact(str(last)) or type(last).__name__}" if last else ""
+            raise ConnectError(f"could not connect to {shown} within {connect_timeout} s{reason}")
+        state["connected"] = True
+        yield NatsLink(client, loop)

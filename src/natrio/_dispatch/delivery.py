@@ -1,0 +1,119 @@
+"""One delivery of a task message, settled exactly once (ack, NAK or TERM) and released
+exactly once, when both its runner and any pipelined recording are done with it. Free of I/O:
+it sends through the function it is given."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .policy import nak_payload
+
+if TYPE_CHECKING:
+    import trio
+
+    from .._context import TaskContext
+    from .._transport import Message
+
+#: What a delivery is NAK'd with when it ends without an outcome (a recording that failed):
+#: soon, but not in a tight loop.
+UNSETTLED_DELAY = 1.0
+
+
+class Delivery:
+    """A task message from the moment it arrives until it is settled and released.
+
+    ``settle`` sends at most one of ``+ACK``, ``-NAK`` or ``+TERM``; ``+WPI`` goes out only
+    while unsettled. Whoever works on the delivery holds it (the runner from the start, a
+    pipelined recording while the event is stored); when the last hold is let go, an
+    unsettled delivery is NAK'd after :data:`UNSETTLED_DELAY`, and ``on_release`` is
+    called, once.
+    """
+
+    __slots__ = (
+        "_holds",
+        "_on_release",
+        "_send",
+        "cancelled_by_shutdown",
+        "ctx",
+        "group",
+        "last_progress",
+        "msg",
+        "route",
+        "running",
+        "scope",
+        "settled",
+    )
+
+    def __init__(
+        self,
+        msg: Message,
+        route: Any,
+        group: str,
+        *,
+        send: Callable[[str, bytes], None],
+        on_release: Callable[[Delivery], None],
+        now: float,
+    ) -> None:
+        self.msg = msg
+        self.route = route
+        self.group = group
+        self.last_progress = now
+        self.scope: trio.CancelScope | None = None
+        self.ctx: TaskContext | None = None
+        self.cancelled_by_shutdown = False
+        # Whether its handler is running now (what a shutdown out of grace cancels).
+        self.running = False
+        self.settled = False
+        self._holds = 1
+        self._send = send
+        self._on_release = on_release
+
+    @property
+    def released(self) -> bool:
+        """Whether every hold was let go."""
+        return self._holds == 0
+
+    # -- settlement -------------------------------------------------------------------
+
+    def _settle(self, payload: bytes) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
+        self._send(self.msg.reply, payload)
+        return True
+
+    def ack(self) -> bool:
+        """Acknowledge (done); False if it was already settled."""
+        return self._settle(b"+ACK")
+
+    def nak(self, delay: float = 0.0) -> bool:
+        """Redeliver after ``delay`` seconds (finite, clamped); False if already settled."""
+        return self._settle(nak_payload(delay))
+
+    def term(self) -> bool:
+        """Never redeliver; False if already settled."""
+        return self._settle(b"+TERM")
+
+    def in_progress(self, now: float) -> None:
+        """Reset the server's ack timer (``+WPI``), unless already settled."""
+        self.last_progress = now
+        if not self.settled:
+            self._send(self.msg.reply, b"+WPI")
+
+    # -- holds ------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """One more party works on the delivery (a pipelined recording)."""
+        if self._holds == 0:
+            raise RuntimeError("a released delivery cannot be held again")
+        self._holds += 1
+
+    def let_go(self) -> None:
+        """One party is done; the last one settles what is unsettled and releases."""
+        if self._holds == 0:
+            return
+        self._holds -= 1
+        if self._holds == 0:
+            self.nak(UNSETTLED_DELAY)
+            self._on_release(self)

@@ -1,0 +1,162 @@
+"""The wire edge, free of I/O: a delivered message becomes a valid :class:`Task`, or
+:class:`MalformedTask` says which rule it broke.
+
+Any client in any language can publish on natrio's subjects, so every field natrio acts on
+is checked here, once, against the syntax and limits docs/subjects.md states, before
+natrio does anything on the message's behalf.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+from .. import _wire as wire
+from .._errors import ConfigurationError, MalformedTask
+from .._model import Task
+from .._retry import RetryPolicy
+from .._transport import Message
+from .._transport.protocol import check_subject, valid_header_name
+
+#: The longest ``Natrio-Reply`` natrio answers on.
+MAX_REPLY: Final = 256
+#: The longest ``Natrio-Retry`` policy.
+MAX_RETRY_HEADER: Final = 1024
+#: The latest deadline natrio takes (Unix seconds, the year 5138).
+MAX_DEADLINE: Final = 1e11
+
+_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+_NUMBER = re.compile(r"[0-9]{1,12}(\.[0-9]{1,17})?")
+_ITERATION = re.compile(r"[1-9][0-9]{0,8}")
+
+# natrio's task headers, and their names in lower case: a name that matches one but for
+# case is refused rather than quietly ignored.
+_TASK_HEADERS: Final = frozenset(
+    {wire.H_RETRY, wire.H_DEADLINE, wire.H_REPLY, wire.H_SUBMITTED, wire.H_ITERATION}
+)
+_LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
+
+
+def ack_position(reply: str) -> tuple[int, int] | None:
+    """(delivery count, stream sequence) from a JetStream ack subject, or None if it is not one."""
+    if not reply.startswith("$JS.ACK.") or not reply.isascii() or len(reply) > 512:
+        return None
+    try:
+        delivered, seq = wire.parse_ack_subject(reply)
+    except ValueError:
+        return None
+    return (delivered, seq) if delivered >= 1 and seq >= 1 else None
+
+
+def valid_id(value: str) -> bool:
+    """Whether ``value`` is a run or step id (1-128 of ``[A-Za-z0-9_=-]``)."""
+    return _ID.fullmatch(value) is not None
+
+
+def reply_target(value: str, inbox_prefix: str) -> str | None:
+    """Where to answer a ``Natrio-Reply`` of valid syntax: itself when it is under the
+    inbox prefix, else None (the outcome is recorded without a reply)."""
+    return value if value.startswith(inbox_prefix + ".") else None
+
+
+def check_reply(value: str) -> str:
+    """``value`` if it is a valid ``Natrio-Reply`` (a subject without wildcards, at most
+    256 characters), else raise MalformedTask."""
+    if len(value) > MAX_REPLY:
+        raise MalformedTask(f"{wire.H_REPLY} is {len(value)} characters long (at most {MAX_REPLY})")
+    try:
+        check_subject(value, kind=wire.H_REPLY, wildcards=False)
+    except ValueError as exc:
+        raise MalformedTask(str(exc)) from None
+    return value
+
+
+def _number(name: str, value: str) -> float:
+    if not _NUMBER.fullmatch(value):
+        raise MalformedTask(f"bad {name} header {value[:64]!r}: not a decimal number of seconds")
+    return float(value)
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Raise MalformedTask for a header name that is not a token, or one of natrio's names
+    in another case."""
+    for name in headers:
+        if not valid_header_name(name):
+            raise MalformedTask(f"invalid header name {name[:64]!r}")
+        canonical = _LOWER.get(name.lower())
+        if canonical is not None and canonical != name:
+            raise MalformedTask(f"header {name!r}: natrio's header names are exact ({canonical})")
+
+
+def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) -> Task:
+    """The task in ``msg``, delivered by the consumer of ``task_type`` in ``group``.
+
+    Raises MalformedTask naming the first rule the message breaks. ``reply`` is set only
+    for a ``Natrio-Reply`` under ``inbox_prefix``.
+    """
+    position = ack_position(msg.reply)
+    if position is None:
+        raise MalformedTask(f"not a JetStream ack subject: {msg.reply[:100]!r}")
+    delivered, seq = position
+    subject = msg.subject
+    if not subject.isascii():
+        raise MalformedTask("the subject is not ASCII")
+    parts = subject.split(".")
+    if len(parts) != 6 or parts[0] != wire.PREFIX or parts[1] != "task":
+        raise MalformedTask(
+            f"subject {subject[:200]!r} is not natrio.task.<type>.<group>.<run_id>.<step_id>"
+        )
+    if parts[2] != task_type or parts[3] != group:
+        raise MalformedTask(f"subject {subject[:200]!r} is not for {task_type} in {group}")
+    run_id, step_id = parts[4], parts[5]
+    if not valid_id(run_id):
+        raise MalformedTask(f"run id {run_id[:64]!r}: use 1-128 of A-Z a-z 0-9 _ - =")
+    if not valid_id(step_id):
+        raise MalformedTask(f"step id {step_id[:64]!r}: use 1-128 of A-Z a-z 0-9 _ - =")
+    headers = msg.headers or {}
+    retry = None
+    deadline = None
+    reply = None
+    iteration = 1
+    if headers:
+        check_headers(headers)
+        text = headers.get(wire.H_RETRY)
+        if text is not None:
+            if len(text) > MAX_RETRY_HEADER:
+                raise MalformedTask(f"{wire.H_RETRY} is over {MAX_RETRY_HEADER} characters")
+            try:
+                retry = RetryPolicy.from_json(text)
+            except ConfigurationError as exc:
+                raise MalformedTask(f"bad {wire.H_RETRY} header: {exc}") from None
+        text = headers.get(wire.H_DEADLINE)
+        if text is not None:
+            deadline = _number(wire.H_DEADLINE, text)
+            if not 0 < deadline <= MAX_DEADLINE:
+                raise MalformedTask(f"bad {wire.H_DEADLINE} header {text!r}: out of range")
+        text = headers.get(wire.H_SUBMITTED)
+        if text is not None:
+            _number(wire.H_SUBMITTED, text)
+        text = headers.get(wire.H_ITERATION)
+        if text is not None:
+            if not _ITERATION.fullmatch(text):
+                raise MalformedTask(f"bad {wire.H_ITERATION} header {text[:64]!r}")
+            iteration = int(text)
+        text = headers.get(wire.H_REPLY)
+        if text:
+            reply = reply_target(check_reply(text), inbox_prefix)
+    return Task(
+        task_type=task_type,
+        group=group,
+        run_id=run_id,
+        step_id=step_id,
+        input=msg.data,
+        headers=headers,
+        attempt=delivered,
+        seq=seq,
+        deadline=deadline,
+        retry=retry,
+        reply=reply,
+        iteration=iteration,
+        delivered=delivered,
+    )

@@ -1,0 +1,320 @@
+"""The dispatcher: the queue of deliveries from every consumer, ``concurrency`` runner tasks
+that survive anything a delivery does, the keep-alive of held tasks, and bounded shutdown."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import trio
+
+from .._consumer import PullConsumer
+from .._outcomes import Reporter
+from .._retry import RetryPolicy
+from .._state import StepState
+from .._transport import Message
+from ..middleware import Middleware
+from .delivery import Delivery
+from .execution import Executor, Route
+from .recording import Recorder, StepHooks
+
+log = logging.getLogger("natrio.dispatcher")
+
+# How many queued tasks a runner takes in a row before it lets other tasks run.
+_BURST = 16
+
+
+@attrs.define
+class DispatcherStatistics:
+    """A snapshot of the dispatcher's counters.
+
+    ``malformed`` counts messages dead-lettered as not valid tasks (also in ``dead``);
+    ``internal_errors`` counts deliveries natrio itself failed to process (each was
+    handed back for redelivery).
+    """
+
+    concurrency: int
+    queued: int
+    in_flight: int
+    processed: int
+    failed: int
+    retried: int
+    dead: int
+    malformed: int = 0
+    internal_errors: int = 0
+
+
+class Dispatcher:
+    """Runs handlers for deliveries from any number of consumers, ``concurrency`` at a time.
+
+    Deliveries wait in one queue; ``concurrency`` runner tasks take them in arrival
+    order, so the bound holds across task types. Every delivery the dispatcher accepted
+    is settled once (acked, NAK'd or terminated) and released once, whatever the handler
+    does. A fault of the dispatcher itself (not of a delivery) sets :attr:`failure` and
+    :attr:`failed`, for the worker to end with.
+    """
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        *,
+        concurrency: int,
+        default_retry: RetryPolicy,
+        logger: logging.Logger,
+        state: StepState | None = None,
+        middleware: Sequence[Middleware] = (),
+        hooks: StepHooks | None = None,
+        hook_timeout: float = 10.0,
+    ) -> None:
+        self.reporter = reporter
+        self.conn = reporter.conn
+        self.recorder = Recorder(
+            reporter, state or StepState(reporter.conn), hooks=hooks, hook_timeout=hook_timeout
+        )
+        self.recorder.on_lone_ack = self._on_lone_ack
+        self.executor = Executor(
+            self.recorder, default_retry=default_retry, logger=logger, middleware=middleware
+        )
+        self.concurrency = concurrency
+        self.logger = logger
+        self.stopping = False
+        self.failure: BaseException | None = None
+        self.failed = trio.Event()
+        self.internal_errors = 0
+        self._send, self._receive = trio.open_memory_channel[Delivery](math.inf)
+        self._held: set[Delivery] = set()
+        self._running: set[Delivery] = set()
+        self._all_done = trio.Event()
+        self._keep_alive_scope = trio.CancelScope(shield=True)
+        self._tick = 10.0
+
+    # -- intake -----------------------------------------------------------------------
+
+    def sink(self, route: Route, group: str, consumer: PullConsumer) -> Callable[[Message], None]:
+        """The function the consumer of ``route``'s task type in ``group`` hands messages to."""
+        self._tick = min(self._tick, route.ack_wait / 6)
+        self.executor.chain(route)
+        send = self.conn.publish_nowait
+
+        def release(delivery: Delivery) -> None:
+            self._held.discard(delivery)
+            consumer.release()
+
+        def accept(msg: Message) -> None:
+            delivery = Delivery(
+                msg, route, group, send=send, on_release=release, now=trio.current_time()
+            )
+            if self.stopping:
+                delivery.let_go()  # NAK'd at once: another worker takes it
+                return
+            self._held.add(delivery)
+            self._send.send_nowait(delivery)
+
+        return accept
+
+    def _on_lone_ack(self) -> None:
+        if not self._running:
+            # The only task in flight: its client is waiting for this reply now.
+            self.conn.send_now()
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the runner tasks and the keep-alive loop until cancelled.
+
+        Runners serve inside shields (a handler is only ever cancelled by the dispatcher
+        itself); they end once :meth:`shutdown` has handed every task back, or at once when
+        cancelled while nothing runs.
+        """
+        async with trio.open_nursery() as nursery:
+            self.recorder.spawn = nursery.start_soon
+            for _ in range(self.concurrency):
+                nursery.start_soon(self._guarded, self._runner)
+            nursery.start_soon(self._guarded, self._keep_alive)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Cancelled without a shutdown: queued tasks go back, and the runners end.
+                self.stopping = True
+                self._keep_alive_scope.cancel()
+                self._send.close()
+
+    async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
+        # A loop of the dispatcher's own that fails is a bug, not a task's doing: report it
+        # so that the worker ends (bounded) instead of serving nothing while it looks alive.
+        try:
+            await loop()
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            log.critical("a dispatcher loop failed; the worker stops", exc_info=exc)
+            if self.failure is None:
+                self.failure = exc
+            self.failed.set()
+
+    async def _runner(self) -> None:
+        # One shielded scope serves delivery after delivery: a cancel scope per task cost
+        # more than the rest of the dispatcher. The dispatcher cancels it for a deadline,
+        # a handler timeout or a shutdown; the interrupted delivery is then dealt with and
+        # a fresh scope takes over.
+        #
+        # A waiting task is taken without a trip through the scheduler (receive() always
+        # makes one), so a busy runner works through a burst; it yields every
+        # _BURST tasks so that it never keeps the connection's read loop waiting for long.
+        receive = self._receive
+        burst = 0
+        carried: Delivery | None = None
+        while True:
+            with trio.CancelScope(shield=True) as scope:
+                while True:
+                    if carried is not None:
+                        delivery, carried = carried, None
+                    else:
+                        try:
+                            if burst < _BURST:
+                                burst += 1
+                                delivery = receive.receive_nowait()
+                            else:
+                                burst = 0
+                                delivery = await receive.receive()
+                        except trio.WouldBlock:
+                            burst = 0
+                            if len(self._running) <= 1:
+                                # Nothing queued and nothing else in flight: what this
+                                # runner published goes out now, not after the rest of the
+                                # scheduler pass (a round trip's latency). Under load the
+                                # pass batches.
+                                self.conn.send_now()
+                            try:
+                                delivery = await receive.receive()
+                            except (trio.EndOfChannel, trio.ClosedResourceError):
+                                return
+                        except (trio.EndOfChannel, trio.ClosedResourceError):
+                            return
+                    if scope.cancel_called:
+                        # Cancelled for the task before (a deadline that fired as it
+                        # finished): this one gets a fresh scope.
+                        carried = delivery
+                        break
+                    delivery.scope = scope
+                    await self._serve(delivery, scope)
+                    if scope.deadline != math.inf:
+                        # However the task ended, its deadline must not reach the next.
+                        scope.deadline = math.inf
+
+    async def _serve(self, delivery: Delivery, scope: trio.CancelScope) -> None:
+        # Survives anything the delivery does; the delivery is let go here exactly once.
+        self._running.add(delivery)
+        try:
+            if self.stopping:
+                await self.executor.hand_back(delivery)
+            else:
+                await self.executor.execute(delivery, scope)
+        except BaseException as exc:
+            if scope.cancel_called:
+                # Interrupted by a deadline or a shutdown: record that out of reach of the
+                # cancellation; the runner then takes a fresh scope.
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.executor.interrupted(delivery)
+                    except Exception:
+                        log.exception("recording how %s ended failed", delivery.msg.subject[:200])
+            else:
+                self.internal_errors += 1
+                log.exception(
+                    "natrio failed to process %s; it will be redelivered",
+                    delivery.msg.subject[:200],
+                    exc_info=exc,
+                )
+        finally:
+            delivery.running = False
+            self._running.discard(delivery)
+            delivery.let_go()
+            if self.stopping and not self._running:
+                self._all_done.set()
+
+    async def _keep_alive(self) -> None:
+        # One loop keeps every held task alive, queued or running, with +WPI every ack_wait/3.
+        # Shielded so that handlers finishing inside the shutdown grace stay alive too;
+        # shutdown() (or the end of run()) ends it.
+        with self._keep_alive_scope:
+            while True:
+                await trio.sleep(self._tick)
+                now = trio.current_time()
+                for delivery in list(self._held):
+                    if now - delivery.last_progress >= delivery.route.ack_wait / 3:
+                        delivery.in_progress(now)
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    async def shutdown(self, grace: float) -> None:
+        """NAK every queued task at once, give running handlers ``grace`` seconds, cancel the rest.
+
+        Returns within ``grace`` + 0.6 s. Tasks handed back this way are recorded as
+        returns (not attempts) and NAK'd, so another worker takes them immediately. A
+        handler that already recorded its outcome but keeps running is waited for and
+        cancelled like any other.
+        """
+        self.stopping = True
+        queued: list[Delivery] = []
+        while True:
+            try:
+                queued.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+
+        async def hand_back(delivery: Delivery) -> None:
+            try:
+                await self.executor.hand_back(delivery)
+            finally:
+                delivery.let_go()
+
+        async with trio.open_nursery() as nursery:
+            # Queued tasks go back at once, while running handlers get their grace.
+            for delivery in queued:
+                nursery.start_soon(hand_back, delivery)
+            if self._running:
+                with trio.move_on_after(grace):
+                    await self._all_done.wait()
+        if self._running:
+            self.logger.warning(
+                "cancelling %d handler(s) still running after %.1f s grace",
+                len(self._running),
+                grace,
+            )
+            # Outcomes being recorded right now get as long as the handlers do to unwind.
+            self.reporter.hard_deadline = trio.current_time() + 0.4
+            self.recorder.hook_timeout = 0.4
+            for delivery in list(self._running):
+                if not delivery.running:
+                    continue  # recording its outcome, bounded by hard_deadline above
+                delivery.cancelled_by_shutdown = True
+                if delivery.scope is not None:
+                    delivery.scope.cancel()
+            with trio.move_on_after(0.4):
+                await self._all_done.wait()
+        # Anything still unsettled (a handler that ignores cancellation, a completion whose
+        # event is still on its way) goes back now.
+        for delivery in list(self._held):
+            delivery.nak()
+        self._keep_alive_scope.cancel()
+        # Runners wait for the next task inside their shields: closing the queue ends them.
+        self._send.close()
+
+    def statistics(self) -> DispatcherStatistics:
+        """Counters: queued, in flight, processed, failed attempts, retried, dead."""
+        counts = self.recorder.counts
+        return DispatcherStatistics(
+            concurrency=self.concurrency,
+            queued=self._receive.statistics().current_buffer_used,
+            in_flight=len(self._running),
+            processed=counts.processed,
+            failed=counts.failed,
+            retried=counts.retried,
+            dead=counts.dead,
+            malformed=self.executor.malformed,
+            internal_errors=self.internal_errors,
+        )

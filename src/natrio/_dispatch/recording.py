@@ -1,0 +1,348 @@
+"""Carrying out an execution's outcome: step hooks, the durable record, then the one
+settlement of its delivery — completion (pipelined where it can be), retry, dead letter,
+pause, agent-loop continuation, or a hand-back at shutdown."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from .. import _wire as wire
+from .._codec import encode
+from .._errors import NatrioError, PayloadTooLarge
+from .._model import Task, TaskError
+from .._outcomes import Reporter
+from .._state import StepState
+from .._transport import Headers
+from .edge import ack_position, check_reply, read_task, reply_target, valid_id
+from .policy import Dead, decide, finite_delay
+
+if TYPE_CHECKING:
+    from .._context import TaskContext
+    from .delivery import Delivery
+
+log = logging.getLogger("natrio.dispatcher")
+
+
+class StepHooks(Protocol):
+    """Observers of final outcomes: called exactly once per terminal outcome of a step.
+
+    Never for an intermediate retry, a pause or an agent-loop iteration. A hook runs
+    before the outcome is recorded, within the worker's ``hook_timeout``; if it raises or
+    times out, the task is NAK'd and redelivered rather than acknowledged, so no outcome
+    is lost (a hook may therefore see a step again after a crash: make it idempotent).
+    """
+
+    async def on_step_done(self, task: Task, output: bytes) -> None:
+        """The step completed with ``output``."""
+
+    async def on_step_failed(self, task: Task, error: TaskError) -> None:
+        """The step was dead-lettered with ``error``."""
+
+
+def natrio_error(error_type: str, message: str, kind: str, task: Task) -> TaskError:
+    """A TaskError natrio itself raises (no exception, so no traceback)."""
+    return TaskError(error_type, message, "", kind, task.attempt)
+
+
+@attrs.define
+class Counts:
+    """Outcomes recorded so far."""
+
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead: int = 0
+
+
+class Recorder:
+    """Records outcomes for one worker and settles their deliveries; keeps the counters."""
+
+    def __init__(
+        self,
+        reporter: Reporter,
+        state: StepState,
+        *,
+        hooks: StepHooks | None,
+        hook_timeout: float,
+    ) -> None:
+        self.reporter = reporter
+        self.state = state
+        self.hooks = hooks
+        self.hook_timeout = hook_timeout
+        # Where retries of pipelined completions run (the dispatcher's nursery).
+        self.spawn: Callable[..., Any] | None = None
+        # Called when a pipelined completion is acknowledged while nothing else runs.
+        self.on_lone_ack: Callable[[], None] = lambda: None
+        self.counts = Counts()
+
+    # -- hooks and state --------------------------------------------------------------
+
+    async def _run_hook(
+        self, delivery: Delivery, ctx: TaskContext, name: str, value: object
+    ) -> bool:
+        hook = getattr(self.hooks, name, None) if self.hooks is not None else None
+        if hook is None:
+            return True
+        try:
+            # Bounded, like everything on the way to an outcome: a hung hook must not hold
+            # the task (or a shutdown) forever.
+            with trio.fail_after(self.hook_timeout):
+                await hook(ctx.task, value)
+        except Exception:
+            delay = ctx.policy.delay(ctx.task.attempt)
+            ctx.logger.exception(
+                "step hook %s failed; the task will be redelivered in %.3f s", name, delay
+            )
+            delivery.nak(delay)
+            return False
+        return True
+
+    @staticmethod
+    def _has_state(ctx: TaskContext) -> bool:
+        # Only steps that may have state pay for clearing it: this execution touched it,
+        # or an earlier delivery (which may have) came before.
+        return ctx.used_state or ctx.task.delivered > 1 or ctx.task.iteration > 1
+
+    async def _clear_state(self, delivery: Delivery, ctx: TaskContext) -> None:
+        if self._has_state(ctx):
+            try:
+                await self.state.clear(
+                    ctx.run_id, ctx.step_id, keep_checkpoint=delivery.route.keep_checkpoint
+                )
+            except NatrioError as exc:
+                ctx.logger.warning("could not clear the step's checkpoint: %r", exc)
+
+    # -- terminal outcomes ------------------------------------------------------------
+
+    async def dead(self, delivery: Delivery, ctx: TaskContext, error: TaskError) -> None:
+        """Dead-letter the task: hook, entry and event, then ``+TERM`` and the reply."""
+        ctx._finished = True
+        with trio.CancelScope(shield=True):
+            if not await self._run_hook(delivery, ctx, "on_step_failed", error):
+                return
+            payload, headers = await self.reporter.dead(ctx.task, delivery.msg.subject, error)
+            await self._clear_state(delivery, ctx)
+            if delivery.term():
+                self.reporter.announce(ctx.task, payload, headers)
+        self.counts.dead += 1
+
+    async def complete(
+        self, delivery: Delivery, ctx: TaskContext, output: object, *, shield: bool = True
+    ) -> None:
+        """Record the completion with ``output``, then ack and answer the client."""
+        try:
+            payload = encode(output)
+        except Exception as exc:
+            await self.fail(delivery, ctx, exc, permanent=True, delay=None)
+            return
+        if not self.reporter.fits(payload):
+            too_large = PayloadTooLarge(
+                f"the output of {len(payload)} bytes does not fit in a message "
+                f"(max_payload {self.reporter.conn.max_payload})"
+            )
+            await self.fail(delivery, ctx, too_large, permanent=True, delay=None)
+            return
+        if shield:
+            # Called from inside the handler, where any scope of the handler's may be
+            # cancelled: the outcome is recorded regardless.
+            with trio.CancelScope(shield=True):
+                await self._record_completion(delivery, ctx, payload)
+        else:
+            await self._record_completion(delivery, ctx, payload)
+
+    async def _record_completion(
+        self, delivery: Delivery, ctx: TaskContext, payload: bytes
+    ) -> None:
+        if not await self._run_hook(delivery, ctx, "on_step_done", payload):
+            return
+        if not self._has_state(ctx) and self.reporter.hard_deadline == math.inf:
+            # Pipelined: the runner moves on to the next task while the event is stored;
+            # the ack follows the stream's acknowledgement (or the slow path below does).
+            # The recording holds the delivery, so it is released only when both are done.
+            delivery.hold()
+            try:
+                self.reporter.completed_nowait(
+                    ctx.task,
+                    payload,
+                    functools.partial(self._completion_stored, delivery, ctx, payload),
+                )
+            except BaseException:
+                delivery.let_go()
+                raise
+            return
+        headers = await self.reporter.completed(ctx.task, payload)
+        await self._clear_state(delivery, ctx)
+        self._acknowledge(delivery, ctx, payload, headers)
+
+    def _acknowledge(
+        self, delivery: Delivery, ctx: TaskContext, payload: bytes, headers: Headers
+    ) -> None:
+        # The completion event is stored: ack, then tell a waiting client.
+        if delivery.ack():
+            self.reporter.announce(ctx.task, payload, headers)
+            self.counts.processed += 1
+
+    def _completion_stored(
+        self,
+        delivery: Delivery,
+        ctx: TaskContext,
+        payload: bytes,
+        headers: Headers,
+        error: NatrioError | None,
+    ) -> None:
+        # Called from the connection's read loop (or its request sweeper): never raises,
+        # and lets go of the delivery exactly once, here or in the retry it starts.
+        try:
+            if delivery.settled:
+                pass  # a shutdown handed it back meanwhile; a redelivery finds the event
+            elif error is None:
+                self._acknowledge(delivery, ctx, payload, headers)
+                self.on_lone_ack()
+            elif self.spawn is not None:
+                # A timeout, a leader election, a reconnect: retry the way unpipelined
+                # completions do (the same Nats-Msg-Id keeps it to one event).
+                log.debug("completion of %s not stored (%r); retrying", delivery.msg.subject, error)
+                self.spawn(self._record_completion_again, delivery, ctx, payload)
+                return
+        except Exception:
+            log.exception("settling the completion of %s failed", delivery.msg.subject)
+        delivery.let_go()
+
+    async def _record_completion_again(
+        self, delivery: Delivery, ctx: TaskContext, payload: bytes
+    ) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                headers = await self.reporter.completed(ctx.task, payload)
+                self._acknowledge(delivery, ctx, payload, headers)
+        except NatrioError as exc:
+            ctx.logger.error("recording the outcome failed (%r); the task will be redelivered", exc)
+        finally:
+            delivery.let_go()
+
+    async def fail(
+        self,
+        delivery: Delivery,
+        ctx: TaskContext,
+        exc: BaseException,
+        *,
+        permanent: bool,
+        delay: float | None,
+    ) -> None:
+        """Fail this attempt: retry after the policy's (or the given) delay, or dead-letter."""
+        task = ctx.task
+        decision = decide(exc, ctx.policy, task.attempt, permanent=permanent, delay=delay)
+        error = decision.error
+        self.counts.failed += 1
+        if isinstance(decision, Dead):
+            ctx.logger.warning(
+                "task dead (%s) after attempt %d: %s: %s",
+                error.kind,
+                task.attempt,
+                error.type,
+                error.message,
+            )
+            await self.dead(delivery, ctx, error)
+            return
+        ctx.logger.info(
+            "attempt %d failed (%s: %s); retrying in %.3f s",
+            task.attempt,
+            error.type,
+            error.message,
+            decision.delay,
+        )
+        self.reporter.failed(task, error, decision.delay)
+        delivery.nak(decision.delay)
+        self.counts.retried += 1
+
+    async def pause(self, delivery: Delivery, ctx: TaskContext, delay: float) -> None:
+        """Record the pause (so it uses no attempt) and NAK with the delay."""
+        task = ctx.task
+        delay = finite_delay(delay)
+        with trio.CancelScope(shield=True):
+            await self.state.record_pause(task.run_id, task.step_id, task.seq, task.delivered)
+        self.reporter.paused(task, delay)
+        delivery.nak(delay)
+
+    async def continue_with(self, delivery: Delivery, ctx: TaskContext, output: object) -> None:
+        """Enqueue the next iteration of an agent loop (or dead-letter past max_iterations)."""
+        task = ctx.task
+        if task.iteration >= delivery.route.max_iterations:
+            await self.dead(
+                delivery,
+                ctx,
+                natrio_error(
+                    "MaxIterationsExceeded",
+                    f"the agent loop reached max_iterations ({delivery.route.max_iterations})",
+                    "iterations",
+                    task,
+                ),
+            )
+            return
+        try:
+            payload = encode(output)
+            if not self.reporter.fits(payload):
+                raise PayloadTooLarge(
+                    f"the next iteration's input of {len(payload)} bytes does not fit in a message"
+                )
+        except Exception as exc:
+            await self.fail(delivery, ctx, exc, permanent=True, delay=None)
+            return
+        with trio.CancelScope(shield=True):
+            await self.reporter.continued(task, delivery.msg.subject, payload)
+        if delivery.ack():
+            self.counts.processed += 1
+
+    async def hand_back(self, delivery: Delivery, inbox_prefix: str) -> None:
+        """Return a task at shutdown: recorded (briefly, best effort) as a return, so the
+        redelivery uses no attempt, then NAK'd for another worker at once."""
+        with trio.CancelScope(shield=True), trio.move_on_after(0.2):
+            try:
+                task = delivery.ctx.task if delivery.ctx is not None else None
+                if task is None:
+                    task = read_task(
+                        delivery.msg,
+                        task_type=delivery.route.task_type,
+                        group=delivery.group,
+                        inbox_prefix=inbox_prefix,
+                    )
+                await self.state.record_return(task.run_id, task.step_id, task.seq)
+            except NatrioError as exc:
+                log.debug("could not record the return of %s: %r", delivery.msg.subject, exc)
+        delivery.nak()
+
+    async def malformed(self, delivery: Delivery, reason: str, inbox_prefix: str) -> None:
+        """Dead-letter a message that is not a valid task, terminate it, tell its client."""
+        msg = delivery.msg
+        attempts, seq = ack_position(msg.reply) or (1, 0)
+        parts = msg.subject.split(".") if msg.subject.isascii() else []
+        ids = None
+        if len(parts) == 6 and valid_id(parts[4]) and valid_id(parts[5]):
+            ids = (parts[4], parts[5])
+        reply = None
+        raw_reply = msg.header(wire.H_REPLY)
+        if raw_reply:
+            try:
+                reply = reply_target(check_reply(raw_reply), inbox_prefix)
+            except NatrioError:
+                reply = None
+        with trio.CancelScope(shield=True):
+            await self.reporter.malformed(
+                msg,
+                reason,
+                task_type=delivery.route.task_type,
+                group=delivery.group,
+                seq=seq,
+                attempts=attempts,
+                ids=ids,
+                reply=reply,
+            )
+        delivery.term()
+        self.counts.dead += 1

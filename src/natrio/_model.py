@@ -1,0 +1,213 @@
+"""Data records natrio's parts pass around and store: tasks, errors, dead letters, workers.
+
+Values only: how they are published and read back lives with the code that does it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import traceback as tb
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._errors import Fatal, Retryable
+from ._retry import RetryPolicy
+
+#: Bounds of what a TaskError keeps: a handler's exception text or traceback can be any
+#: size, and a dead-letter entry must fit in one message.
+MAX_ERROR_MESSAGE = 4096
+MAX_TRACEBACK = 16384
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, keeping its head and tail."""
+    if len(text) <= limit:
+        return text
+    marker = f"\n[... {len(text) - limit} characters cut ...]\n"
+    keep = max(limit - len(marker), 0)
+    head = keep // 2
+    return text[:head] + marker + text[len(text) - (keep - head) :]
+
+
+@attrs.frozen
+class Task:
+    """One delivery of a task, as read off the wire. Frozen: middleware and hooks get this value.
+
+    ``attempt`` is 1-based and counts deliveries (from the ack subject) less pauses;
+    ``delivered`` is the raw delivery count; ``seq`` is the task's sequence in the task
+    stream; ``deadline`` is a Unix time or None; ``retry`` is the policy sent with the
+    task, if any; ``reply`` the subject a waiting client listens on, if any (only inbox
+    subjects: see docs/guarantees.md); ``iteration`` counts agent-loop iterations from 1;
+    ``resumed`` is true on the first delivery after a pause.
+    """
+
+    task_type: str
+    group: str
+    run_id: str
+    step_id: str
+    input: bytes
+    headers: Mapping[str, str]
+    attempt: int
+    seq: int
+    deadline: float | None = None
+    retry: RetryPolicy | None = None
+    reply: str | None = None
+    iteration: int = 1
+    resumed: bool = False
+    delivered: int = 0
+
+    @property
+    def retry_count(self) -> int:
+        """Retries before this attempt (0-based)."""
+        return self.attempt - 1
+
+
+@attrs.frozen
+class TaskError:
+    """Why a task attempt failed: exception type, message, traceback, and a kind.
+
+    Kinds: ``error`` (an exception, retried per policy), ``fatal`` (no retries wanted),
+    ``exhausted`` (the last allowed attempt failed), ``decode`` (the input could not be
+    decoded), ``malformed`` (the message itself is not a valid task), ``timeout`` (the
+    handler's timeout expired), ``deadline`` (the task's deadline passed), ``iterations``
+    (an agent loop reached ``max_iterations``). The message is kept to 4 KiB and the
+    traceback to 16 KiB (head and tail).
+    """
+
+    type: str
+    message: str
+    traceback: str = ""
+    kind: str = "error"
+    attempts: int = 0
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, kind: str, attempts: int) -> TaskError:
+        """Describe ``exc``; a Fatal or Retryable wrapping another exception describes that one."""
+        shown: BaseException = exc
+        if isinstance(exc, Fatal | Retryable) and isinstance(exc.reason, BaseException):
+            shown = exc.reason
+        try:
+            message = str(shown)
+        except Exception as failure:  # an exception whose __str__ fails is still a failure
+            message = f"<str() failed: {type(failure).__name__}>"
+        text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(
+            truncate(type(shown).__name__, 200),
+            truncate(message, MAX_ERROR_MESSAGE),
+            truncate(text, MAX_TRACEBACK),
+            kind,
+            attempts,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as JSON-ready data."""
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskError:
+        """Read an error written by :meth:`to_dict`."""
+        return cls(
+            type=str(data.get("type", "")),
+            message=str(data.get("message", "")),
+            traceback=str(data.get("traceback", "")),
+            kind=str(data.get("kind", "error")),
+            attempts=int(data.get("attempts", 0)),
+        )
+
+
+@attrs.frozen
+class DeadLetter:
+    """A dead-letter entry: the original task, why it died, where and when.
+
+    ``input`` is the task's input; when it did not fit in the entry beside everything
+    else, it is kept in the ``natrio_dead_inputs`` object store under ``input_ref``
+    (``input`` is then empty; :meth:`natrio.Client.dead_letter_input` reads it).
+    ``subject`` is the task's subject as received (bytes that are not UTF-8 appear as
+    ``\\x..`` escapes).
+    """
+
+    task_type: str
+    group: str
+    run_id: str
+    step_id: str
+    subject: str
+    input: bytes
+    headers: Mapping[str, str]
+    error: TaskError
+    attempts: int
+    worker_id: str
+    time: str
+    task_seq: int = 0
+    input_ref: str | None = None
+
+    def to_json(self) -> bytes:
+        """The entry as stored in the dead-letter stream."""
+        data = attrs.asdict(self, recurse=False)
+        data["input"] = base64.b64encode(self.input).decode()
+        data["headers"] = dict(self.headers)
+        data["error"] = self.error.to_dict()
+        return json.dumps(data).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> DeadLetter:
+        """Read an entry written by :meth:`to_json`."""
+        data = json.loads(raw)
+        data["input"] = base64.b64decode(data["input"])
+        data["error"] = TaskError.from_dict(data["error"])
+        return cls(**data)
+
+
+@attrs.frozen
+class WorkerInfo:
+    """A worker's directory entry, as :func:`natrio.list_workers` returns it."""
+
+    worker_id: str
+    worker_name: str
+    task_types: tuple[str, ...]
+    groups: tuple[str, ...]
+    hostname: str
+    pid: int
+    version: str
+    started_at: str
+    last_seen: str
+    in_flight: int = 0
+    processed: int = 0
+    failed: int = 0
+
+    def to_json(self) -> bytes:
+        """The entry as stored."""
+        return json.dumps(attrs.asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> WorkerInfo:
+        """Read a stored entry."""
+        data = json.loads(raw)
+        data["task_types"] = tuple(data["task_types"])
+        data["groups"] = tuple(data["groups"])
+        return cls(**data)
+
+
+@attrs.frozen
+class PauseRecord:
+    """How often one task message was handed back without failing, and when it last paused.
+
+    Pauses and shutdown returns are NAKs, which the server counts as deliveries;
+    subtracting them keeps the attempt number (and the retry budget) what it was.
+    """
+
+    seq: int
+    pauses: int
+    delivered_at_last_pause: int
+    returns: int = 0
+
+    def to_json(self) -> bytes:
+        """The record as stored."""
+        return json.dumps(attrs.asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> PauseRecord:
+        """Read a stored record."""
+        return cls(**json.loads(raw))
