@@ -99,7 +99,8 @@ async def test_late_status_of_a_forgotten_pull_is_not_charged_to_the_new_pull(
 
         async def until_waiting(count: int) -> None:
             async def waiting() -> bool:
-                return (await info())["num_waiting"] == count
+                pulls_waiting: int = (await info())["num_waiting"]
+                return pulls_waiting == count
 
             await _until(waiting)
 

@@ -165,7 +165,7 @@ def test_deleted_consumer_is_gone(description: str) -> None:
     state = make(10)
     subject = pull(state)
     assert state.on_status(subject, "409", description) is Action.GONE
-    assert state.gone == description
+    assert (state.gone, state.requested) == (description, 10)
     state.recreated()
     assert (state.gone, state.requested) == (None, 0)
     assert state.next_pull() == 10

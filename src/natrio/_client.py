@@ -14,12 +14,14 @@ import trio
 
 from . import _wire as wire
 from ._codec import decode, encode
-from ._errors import ConfigurationError, TaskFailed
+from ._errors import ConfigurationError, NatrioError, TaskFailed
 from ._jetstream import JetStream
 from ._model import DeadLetter, TaskError
+from ._objects import ObjectStore
 from ._retry import RetryPolicy
 from ._state import StepState
 from ._transport import Connection, Message, Reply, Subscription
+from ._transport.protocol import valid_header_name
 
 T = TypeVar("T")
 
@@ -102,14 +104,17 @@ class TaskHandle:
         pattern = wire.event_subject(self.task_type, self.run_id, self.step_id, "*")
         sub = await self.client.nc.subscribe(pattern)
         async with sub:
-            # The subscription is in place before the look-up, so nothing falls between.
-            stored = await self.client._stored_outcome(self)
-            if stored is not None:
-                return stored
-            async for msg in sub:
-                if msg.subject.endswith((f".{wire.COMPLETED}", f".{wire.DEAD}")):
-                    return msg
-        raise trio.EndOfChannel("event subscription ended")  # pragma: no cover
+            # Subscribed first, then look; and look again now and then: an event published
+            # before the subscription reached the server may be stored only after the first
+            # look was answered (JetStream stores and answers direct gets on different paths).
+            while True:
+                stored = await self.client._stored_outcome(self)
+                if stored is not None:
+                    return stored
+                with trio.move_on_after(self.client.check_interval):
+                    async for msg in sub:
+                        if msg.subject.endswith((f".{wire.COMPLETED}", f".{wire.DEAD}")):
+                            return msg
 
 
 def _read_outcome(handle: TaskHandle, message: Message, output_type: Any) -> Any:
@@ -256,15 +261,14 @@ class Client:
             if (
                 not isinstance(key, str)
                 or not isinstance(value, str)
-                or not key
-                or ":" in key
-                or any(c.isspace() for c in key)
+                or not valid_header_name(key)
+                or key.lower().startswith("natrio-")
                 or "\r" in value
                 or "\n" in value
             ):
                 raise ConfigurationError(
-                    "headers must map names (no ':' or whitespace) to single-line strings, "
-                    f"got {key!r}: {value!r}"
+                    "headers must map names (RFC 7230 tokens, not Natrio-*) to single-line "
+                    f"strings, got {key!r}: {value!r}"
                 )
             message_headers[key] = value
         try:
@@ -349,3 +353,17 @@ class Client:
                 entries.append(DeadLetter.from_json(msg.data))
         entries.sort(key=lambda e: e.time)
         return entries[-limit:]
+
+    async def dead_letter_input(self, entry: DeadLetter) -> bytes:
+        """The original input of a dead-lettered task, wherever the entry keeps it.
+
+        Inline for most entries; for an input too large to sit beside its entry, read
+        from the ``natrio_dead_inputs`` object store (``entry.input_ref``). Raises
+        NatrioError when the stored object is gone (it expired with its stream).
+        """
+        if entry.input_ref is None:
+            return entry.input
+        data = await ObjectStore(self.js, wire.DEAD_INPUTS_BUCKET).get(entry.input_ref)
+        if data is None:
+            raise NatrioError(f"the input of dead letter {entry.task_seq} ({entry.input_ref}) is gone")
+        return data

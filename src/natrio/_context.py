@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -36,6 +37,12 @@ class Finisher(Protocol):
     def heartbeat(self, ctx: TaskContext) -> None: ...
 
     def put_stream(self, ctx: TaskContext, data: bytes) -> None: ...
+
+
+def _finite_delay(delay: object) -> bool:
+    return (
+        isinstance(delay, int | float) and not isinstance(delay, bool) and 0 <= delay < math.inf
+    )
 
 
 class TaskContext:
@@ -182,8 +189,10 @@ class TaskContext:
 
     async def fail_retry_after(self, exc: BaseException, delay: float) -> None:
         """Fail this attempt and retry after exactly ``delay`` seconds (attempts still count)."""
-        if not delay >= 0:
-            raise ConfigurationError(f"fail_retry_after delay must be >= 0, got {delay!r}")
+        if not _finite_delay(delay):
+            raise ConfigurationError(
+                f"fail_retry_after delay must be a finite number >= 0, got {delay!r}"
+            )
         self._claim("fail_retry_after")
         await self._finisher.fail(self, exc, permanent=False, delay=delay)
 
@@ -206,8 +215,8 @@ class TaskContext:
         was), and the resumed execution has ``ctx.resumed`` true. A ``paused`` event is
         published.
         """
-        if not delay >= 0:
-            raise ConfigurationError(f"pause delay must be >= 0, got {delay!r}")
+        if not _finite_delay(delay):
+            raise ConfigurationError(f"pause delay must be a finite number >= 0, got {delay!r}")
         if self._finished:
             self._claim("pause")  # raises before anything is saved
         if checkpoint is not None:

@@ -69,8 +69,13 @@ FAST_RETRY = natrio.RetryPolicy(initial_interval=0.05, maximum_attempts=3)
 AUTH_FAILED = "authentication error"  # nats-server's log line for each refused CONNECT
 TLS_FAILED = "TLS handshake error"  # ... and for each refused TLS handshake
 
-WORKER_INBOX = "_INBOX_resize_worker"
-CLIENT_INBOX = "_INBOX_resize_client"
+# The worker's inbox prefix, with the clients' under it: a worker answers only on
+# subjects under its own connection's inbox prefix, so a client's inboxes must be there
+# for its direct replies; the worker may publish only to the clients' part of it and may
+# not subscribe to it.
+WORKER_INBOX = "_INBOX_resize"
+CLIENT_INBOX = "_INBOX_resize.client"
+INSPECTOR_INBOX = "_INBOX_resize_inspector"
 
 DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "permissions.md"
 
@@ -82,22 +87,25 @@ DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "permissions.md"
 class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    subscribe_deny: tuple[str, ...] = ()
 
     def conf(self) -> str:
         """The ``permissions`` block of a nats-server user."""
+        deny = f", deny: {json.dumps(list(self.subscribe_deny))}" if self.subscribe_deny else ""
         return (
             f"permissions: {{ publish: {{ allow: {json.dumps(list(self.publish))} }}, "
-            f"subscribe: {{ allow: {json.dumps(list(self.subscribe))} }} }}"
+            f"subscribe: {{ allow: {json.dumps(list(self.subscribe))}{deny} }} }}"
         )
 
     def without(self, subject: str) -> Permissions:
         assert subject in self.publish
-        return Permissions(tuple(s for s in self.publish if s != subject), self.subscribe)
+        return attrs.evolve(self, publish=tuple(s for s in self.publish if s != subject))
 
 
 def worker_permissions(task_type: str, *, group: str, inbox: str, client_inbox: str) -> Permissions:
     """What a worker serving one task type in one group needs (docs/permissions.md)."""
     consumer = f"{task_type}~{group}"
+    assert client_inbox.startswith(inbox + "."), "replies go only under the worker's prefix"
     return Permissions(
         publish=(
             # its durable consumer: create/update, pull, ack/nak/+WPI/+TERM
@@ -108,17 +116,23 @@ def worker_permissions(task_type: str, *, group: str, inbox: str, client_inbox: 
             f"natrio.event.{task_type}.>",
             f"natrio.dead.{task_type}.>",
             "natrio.stream.>",
-            # direct replies to the clients that wait for results
+            # inputs of dead letters too large for their entry
+            "$O.natrio_dead_inputs.>",
+            # direct replies to the clients that wait for results (under its own prefix)
             f"{client_inbox}.>",
             # the worker directory
             "$JS.API.STREAM.INFO.KV_natrio_workers",
             "$KV.natrio_workers.>",
             # redeliveries: the outcome and pause-record look-ups, clearing the pause record
+            # and the checkpoint (keys <run>.<step> and <run>.<step>.pause only)
             f"$JS.API.DIRECT.GET.NATRIO_EVENTS.natrio.event.{task_type}.>",
-            "$JS.API.DIRECT.GET.KV_natrio_checkpoints.$KV.natrio_checkpoints.>",
-            "$KV.natrio_checkpoints.>",
+            "$JS.API.DIRECT.GET.KV_natrio_checkpoints.$KV.natrio_checkpoints.*.*",
+            "$JS.API.DIRECT.GET.KV_natrio_checkpoints.$KV.natrio_checkpoints.*.*.pause",
+            "$KV.natrio_checkpoints.*.*",
+            "$KV.natrio_checkpoints.*.*.pause",
         ),
         subscribe=(f"{inbox}.>",),
+        subscribe_deny=(f"{client_inbox}.>",),
     )
 
 
@@ -133,10 +147,25 @@ def client_permissions(task_type: str, *, inbox: str) -> Permissions:
     )
 
 
+def inspector_permissions(task_type: str, *, inbox: str) -> Permissions:
+    """What reading one task type's dead letters and their inputs needs (Client.dead_letters,
+    Client.dead_letter_input): the optional-features table of docs/permissions.md."""
+    return Permissions(
+        publish=(
+            "$JS.API.STREAM.INFO.NATRIO_DLQ",
+            f"$JS.API.DIRECT.GET.NATRIO_DLQ.natrio.dead.{task_type}.>",
+            "$JS.API.DIRECT.GET.OBJ_natrio_dead_inputs",
+            "$JS.API.DIRECT.GET.OBJ_natrio_dead_inputs.$O.natrio_dead_inputs.M.>",
+        ),
+        subscribe=(f"{inbox}.>",),
+    )
+
+
 WORKER_PERMISSIONS = worker_permissions(
     TASK_TYPE, group=GROUP, inbox=WORKER_INBOX, client_inbox=CLIENT_INBOX
 )
 CLIENT_PERMISSIONS = client_permissions(TASK_TYPE, inbox=CLIENT_INBOX)
+INSPECTOR_PERMISSIONS = inspector_permissions(TASK_TYPE, inbox=INSPECTOR_INBOX)
 
 
 def authorization(users: Iterable[tuple[str, str, Permissions | None]]) -> str:
