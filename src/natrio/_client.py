@@ -365,5 +365,7 @@ class Client:
             return entry.input
         data = await ObjectStore(self.js, wire.DEAD_INPUTS_BUCKET).get(entry.input_ref)
         if data is None:
-            raise NatrioError(f"the input of dead letter {entry.task_seq} ({entry.input_ref}) is gone")
+            raise NatrioError(
+                f"the input of dead letter {entry.task_seq} ({entry.input_ref}) is gone"
+            )
         return data

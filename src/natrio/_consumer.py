@@ -17,17 +17,13 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ._errors import NatrioError
+from ._errors import ConsumerGone, NatrioError
 from ._pull import Action, PullState
 from ._transport import Connection, Message, Subscription
 
 log = logging.getLogger("natrio.consumer")
 
 _NS = 1_000_000_000
-
-
-class ConsumerGone(NatrioError):
-    """The server reported the consumer deleted (409) or rejected its pulls (400)."""
 
 
 class PullConsumer:

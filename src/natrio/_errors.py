@@ -159,3 +159,11 @@ class ExecutionPaused(BaseException):
     A BaseException, like ``trio.Cancelled``, so that ``except Exception`` in a handler
     does not swallow it; ``finally`` blocks still run.
     """
+
+
+class BenchError(NatrioError):
+    """``natrio bench`` could not measure something; the message says what and why."""
+
+
+class ContestantFailed(BenchError):
+    """A bench contestant process failed: the message names it and quotes its stderr's end."""

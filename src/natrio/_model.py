@@ -27,7 +27,9 @@ def truncate(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     marker = f"\n[... {len(text) - limit} characters cut ...]\n"
-    keep = max(limit - len(marker), 0)
+    if len(marker) >= limit:
+        return text[:limit]
+    keep = limit - len(marker)
     head = keep // 2
     return text[:head] + marker + text[len(text) - (keep - head) :]
 

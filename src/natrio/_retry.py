@@ -121,5 +121,5 @@ class RetryPolicy:
             return cls(**data)
         except ConfigurationError:
             raise
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"malformed retry policy {text[:200]!r}: {exc}") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ConfigurationError(f"malformed retry policy {text[:200]!r}: {exc!r}") from None

@@ -12,7 +12,11 @@ Permissions: a worker user and a client user allowed natrio's subjects for one t
 (the lists below and in docs/permissions.md, found by running with deny-by-default and
 reading the server's ``Publish Violation`` / ``Subscription Violation`` log lines) run
 that type end to end with no violation, and are refused another type's tasks, consumer,
-events and inboxes. Provisioning is done by an unrestricted admin user.
+events and inboxes. The clients' inbox prefix is under the worker's, since a worker
+replies only under its own. A submitter cannot steer where the worker publishes: tasks
+whose Natrio-Reply names a JetStream API subject, a checkpoint key or another step's
+event complete without the worker publishing there. Provisioning is done by an
+unrestricted admin user.
 
 Tests marked ``xfail(strict=True)`` pin natrio limitations found here: each becomes an
 XPASS failure once fixed, so the marker goes with the fix. Defects found here and fixed
@@ -640,6 +644,13 @@ RESIZE_WORKER = Endpoint(
 RESIZE_CLIENT = Endpoint(
     options={"user": "resize-client", "password": "client-Vu40", "inbox_prefix": CLIENT_INBOX}
 )
+RESIZE_INSPECTOR = Endpoint(
+    options={
+        "user": "resize-inspector",
+        "password": "inspector-Lo62",
+        "inbox_prefix": INSPECTOR_INBOX,
+    }
+)
 
 
 def permissions_config(worker: Permissions = WORKER_PERMISSIONS) -> str:
@@ -648,6 +659,7 @@ def permissions_config(worker: Permissions = WORKER_PERMISSIONS) -> str:
             ("admin", ADMIN.options["password"], None),
             ("resize-worker", RESIZE_WORKER.options["password"], worker),
             ("resize-client", RESIZE_CLIENT.options["password"], CLIENT_PERMISSIONS),
+            ("resize-inspector", RESIZE_INSPECTOR.options["password"], INSPECTOR_PERMISSIONS),
         ]
     )
 
@@ -751,13 +763,14 @@ async def test_permissions_one_task_type(tmp_path: Path) -> None:
                     nursery.start_soon(pull)
                     # Eavesdropping: other users' inboxes, task subjects, other types' events.
                     await worker_nc.subscribe("_INBOX.>")
+                    await worker_nc.subscribe(f"{CLIENT_INBOX}.>")
                     await worker_nc.subscribe(f"natrio.task.{OTHER_TYPE}.>")
                     await client_nc.subscribe(f"natrio.event.{OTHER_TYPE}.>")
                     await client_nc.subscribe(f"{WORKER_INBOX}.>")
                 assert results == dict.fromkeys(probes, True)
                 assert stolen == [None]
 
-            await settle(lambda: len(violations(server, "resize-worker")) >= 6)
+            await settle(lambda: len(violations(server, "resize-worker")) >= 7)
             worker_denied = violations(server, "resize-worker")
             client_denied = violations(server, "resize-client")
             for wanted in (
@@ -766,6 +779,7 @@ async def test_permissions_one_task_type(tmp_path: Path) -> None:
                 f'Publish Violation - Subject "$JS.API.CONSUMER.CREATE.NATRIO_TASKS.{other_consumer}"',
                 f'Publish Violation - Subject "$JS.API.CONSUMER.MSG.NEXT.NATRIO_TASKS.{other_consumer}"',
                 'Subscription Violation - Subject "_INBOX.>"',
+                f'Subscription Violation - Subject "{CLIENT_INBOX}.>"',
                 f'Subscription Violation - Subject "natrio.task.{OTHER_TYPE}.>"',
             ):
                 assert any(line.startswith(wanted) for line in worker_denied), (
@@ -795,7 +809,7 @@ async def test_permissions_one_task_type(tmp_path: Path) -> None:
         harness.ScenarioResult(
             scenario="Auth: one-type permissions",
             load=f"{len(items)} tasks by a restricted worker and client, 1 retried, 1 fatal",
-            faults=f"{len(probes) + 5} attempts on another type's tasks, consumer and inboxes",
+            faults=f"{len(probes) + 6} attempts on another type's tasks, consumer and inboxes",
             submitted=len(items),
             completed=outcomes.completed,
             dead_lettered=outcomes.dead,
@@ -900,13 +914,158 @@ async def test_worker_missing_a_permission_fails_instead_of_hanging(tmp_path: Pa
     assert isinstance(errors[0], natrio.NatrioError)
 
 
+# What a submitter might put in Natrio-Reply to have the worker publish there with its own
+# permissions. The first is outside the worker's permissions (the server would refuse it
+# and log a violation); the others are inside them: a key of natrio_checkpoints, another
+# run's checkpoint, another step's outcome. Only natrio's reply rule keeps the worker off
+# those.
+STEERED_REPLIES = {
+    "delete-events": "$JS.API.STREAM.DELETE.NATRIO_EVENTS",
+    "kv-x": "$KV.natrio_checkpoints.x",
+    "kv-victim": "$KV.natrio_checkpoints.victim.step",
+    "forged-event": f"natrio.event.{TASK_TYPE}.victim.step.completed",
+}
+
+
+async def completed_output(js: JetStream, run_id: str) -> bytes:
+    """The output in the completion event of ``run_id`` (step TASK_TYPE), once there is one."""
+    subject = f"natrio.event.{TASK_TYPE}.{run_id}.{TASK_TYPE}.completed"
+    # Polled (ASYNC110): what counts is the event the stream stored, not one seen live.
+    while (msg := await js.last_message("NATRIO_EVENTS", subject)) is None:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+    return msg.data
+
+
+def drained(sub: natrio.Subscription) -> list[natrio.Message]:
+    """The messages waiting in ``sub``."""
+    out = []
+    while True:
+        try:
+            out.append(sub.receive_nowait())
+        except trio.WouldBlock:
+            return out
+
+
+async def test_a_submitter_cannot_steer_where_the_worker_publishes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Confused deputy: a task's Natrio-Reply cannot make the worker publish anywhere but
+    under its own inbox prefix, whatever the worker's permissions allow.
+
+    The worker runs under its documented minimal permissions and the submitter under the
+    client's (submit only); the submitter publishes tasks by hand with a Natrio-Reply
+    from STEERED_REPLIES. Each task completes (its outcome is in the events stream), no
+    reply goes out, and the worker causes no violation; NATRIO_EVENTS still exists, and
+    nothing is published on any of those subjects. Beside them, a normal submit is
+    answered directly (the clients' inboxes are under the worker's prefix), the worker
+    overhears nothing of the clients' inboxes, and a dead letter too large for its entry
+    keeps its input in natrio_dead_inputs, readable with the inspector's permissions.
+    """
+    caplog.set_level(logging.WARNING, logger="natrio.task")
+    large = b"doomed " + b"x" * 900_000
+    with trio.fail_after(25):
+        async with (
+            server_with(tmp_path, permissions_config()) as server,
+            connect(server, ADMIN) as admin,
+        ):
+            await natrio.provision(admin, worker_ttl=2.0)
+            admin_js = JetStream(admin)
+            # Whatever is published on a target subject reaches these.
+            watchers = [await admin.subscribe(target) for target in STEERED_REPLIES.values()]
+            async with (
+                connect(server, RESIZE_WORKER, name="resize-worker") as worker_nc,
+                connect(server, RESIZE_CLIENT, name="resize-client") as client_nc,
+                connect(server, RESIZE_INSPECTOR, name="resize-inspector") as inspector_nc,
+            ):
+                # The widest subscription the worker may make: the server holds back what
+                # goes to the clients' inboxes (the deny list).
+                overheard = await worker_nc.subscribe(f"{WORKER_INBOX}.>")
+                worker = natrio.Worker(worker_nc, shutdown_grace=0)
+                worker.handle(TASK_TYPE, shout)
+                # No look-ups in the events stream for a minute: a result must be the reply.
+                client = natrio.Client(client_nc, check_interval=60.0)
+                submitter = JetStream(client_nc)
+                async with natrio.open_worker(worker, grace=0):
+                    for run_id, target in STEERED_REPLIES.items():
+                        await submitter.publish(
+                            f"natrio.task.{TASK_TYPE}.{GROUP}.{run_id}.{TASK_TYPE}",
+                            run_id.encode(),
+                            headers={"Nats-Msg-Id": f"steered:{run_id}", "Natrio-Reply": target},
+                        )
+                    with trio.fail_after(5):
+                        plain = await (await client.submit(TASK_TYPE, b"plain")).result()
+                        with pytest.raises(natrio.TaskFailed) as failed:
+                            await (await client.submit(TASK_TYPE, large)).result()
+                        outputs = {
+                            run_id: await completed_output(admin_js, run_id)
+                            for run_id in STEERED_REPLIES
+                        }
+                inspector = natrio.Client(inspector_nc)
+                [entry] = [
+                    e for e in await inspector.dead_letters(TASK_TYPE) if e.run_id != "victim"
+                ]
+                stored_input = await inspector.dead_letter_input(entry)
+                await admin.flush()
+                await trio.sleep(0.2)  # anything the worker published has arrived by now
+                heard = [msg.subject for msg in drained(overheard)]
+
+            events_stream = await admin_js.stream_info("NATRIO_EVENTS")
+            checkpoint_keys = await admin_js.subjects(
+                "KV_natrio_checkpoints", "$KV.natrio_checkpoints.>"
+            )
+            forged = await admin_js.subjects("NATRIO_EVENTS", f"natrio.event.{TASK_TYPE}.victim.>")
+            published = [msg.subject for sub in watchers for msg in drained(sub)]
+            worker_denied = violations(server, "resize-worker")
+            others_denied = violations(server, "resize-client") + violations(
+                server, "resize-inspector"
+            )
+            outcomes = await harness.outcomes(admin, TASK_TYPE)
+
+    assert outputs == {run_id: run_id.upper().encode() for run_id in STEERED_REPLIES}
+    assert plain == b"PLAIN"
+    assert failed.value.error.kind == "fatal"
+    assert events_stream["config"]["name"] == "NATRIO_EVENTS"
+    assert "$KV.natrio_checkpoints.x" not in checkpoint_keys
+    assert "$KV.natrio_checkpoints.victim.step" not in checkpoint_keys
+    assert forged == {}
+    assert published == [], "the worker published on a subject a task named"
+    assert worker_denied == [], "the worker tried to publish where it may not"
+    assert others_denied == []
+    refusals = [r.getMessage() for r in caplog.records if "not answering" in r.getMessage()]
+    assert len(refusals) == len(STEERED_REPLIES)
+    assert not [s for s in heard if s.startswith(CLIENT_INBOX + ".")], heard
+    assert entry.input == b""
+    assert entry.input_ref is not None
+    assert stored_input == large
+    assert outcomes.duplicates == 0
+    harness.report(
+        harness.ScenarioResult(
+            scenario="Auth: replies a submitter steers",
+            load=f"{len(STEERED_REPLIES) + 2} tasks by a restricted worker and submitter",
+            faults=f"{len(STEERED_REPLIES)} tasks with a Natrio-Reply outside the inbox prefix",
+            submitted=len(STEERED_REPLIES) + 2,
+            completed=outcomes.completed,
+            dead_lettered=outcomes.dead,
+            lost=len(STEERED_REPLIES) + 2 - outcomes.completed - outcomes.dead,
+            duplicate_completions=outcomes.duplicates,
+            notes="outcomes recorded, no reply sent, nothing published on the steered subjects",
+        )
+    )
+
+
 def test_permissions_page_lists_the_tested_subjects() -> None:
     """docs/permissions.md shows exactly the subjects this scenario proved sufficient."""
     page = DOCS_PAGE.read_text(encoding="utf-8")
     for subject in (
         *WORKER_PERMISSIONS.publish,
         *WORKER_PERMISSIONS.subscribe,
+        *WORKER_PERMISSIONS.subscribe_deny,
         *CLIENT_PERMISSIONS.publish,
         *CLIENT_PERMISSIONS.subscribe,
     ):
         assert f'"{subject}"' in page, subject
+    # The optional features' table names its subjects in backquotes.
+    for subject in INSPECTOR_PERMISSIONS.publish:
+        assert f"`{subject}`" in page, subject
+    for prefix in (WORKER_INBOX, CLIENT_INBOX):
+        assert f'inbox_prefix="{prefix}"' in page, prefix

@@ -30,11 +30,17 @@ log = logging.getLogger("natrio.connection")
 SUPPORTED_NATS_PY: tuple[tuple[int, int], tuple[int, int]] = ((2, 16), (2, 17))
 
 
+def version_supported(version: str) -> bool:
+    """Whether nats-py ``version`` (``"2.16.0"``) is one this adapter is tested with."""
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_NATS_PY
+    return len(parts) == 2 and low <= parts < high
+
+
 def _check_version() -> None:
     found = importlib.metadata.version("nats-py")
-    parts = tuple(int(p) for p in found.split(".")[:2] if p.isdigit())
     low, high = SUPPORTED_NATS_PY
-    if not low <= parts < high:
+    if not version_supported(found):
         raise ImportError(
             f"natrio needs nats-py >={low[0]}.{low[1]},<{high[0]}.{high[1]} (it uses "
             f"nats-py internals tested with those releases), but nats-py {found} is installed"

@@ -31,6 +31,7 @@ import trio
 import natrio
 
 from .. import _wire as wire
+from .._errors import BenchError, ContestantFailed
 from .._jetstream import JetStream
 from . import workload
 
@@ -115,14 +116,6 @@ class BenchConfig:
     store_dir: str | None = None
     #: A contestant that finishes no task for this long has failed.
     stall_timeout: float = 60.0
-
-
-class BenchError(Exception):
-    """The bench could not measure something; the message says what and why."""
-
-
-class ContestantFailed(BenchError):
-    """A contestant process failed: the message names it and quotes the end of its stderr."""
 
 
 class Bar(Protocol):

@@ -127,7 +127,7 @@ def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) ->
                 raise MalformedTask(f"{wire.H_RETRY} is over {MAX_RETRY_HEADER} characters")
             try:
                 retry = RetryPolicy.from_json(text)
-            except ConfigurationError as exc:
+            except (ConfigurationError, RecursionError) as exc:
                 raise MalformedTask(f"bad {wire.H_RETRY} header: {exc}") from None
         text = headers.get(wire.H_DEADLINE)
         if text is not None:

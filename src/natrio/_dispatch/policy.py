@@ -25,7 +25,7 @@ def finite_delay(value: float, fallback: float = 1.0) -> float:
     """``value`` as a delay the server can take: NaN becomes ``fallback``, the rest is
     clamped to ``[0, MAX_DELAY]``."""
     if value != value:  # NaN
-        value = fallback
+        value = fallback if fallback == fallback else 0.0
     return min(max(float(value), 0.0), MAX_DELAY)
 
 
@@ -93,6 +93,11 @@ def decide(
     :class:`natrio.TaskError`.
     """
     judged = unwrap(exc)
+    if not isinstance(judged, Fatal | DecodeError):
+        # A member the policy will not retry decides before a Retryable beside it.
+        refused = [leaf for leaf in leaves(exc) if not policy.retryable(leaf)]
+        if refused:
+            judged = refused[0]
     cause = _cause(judged)
     if isinstance(cause, DecodeError):
         kind = "decode"
