@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from natrio import Message
-from natrio._dispatch.delivery import UNSETTLED_DELAY, Delivery
+from natrio._dispatch.delivery import (
+    MAX_UNSETTLED_DELAY,
+    UNSETTLED_DELAY,
+    Delivery,
+    unsettled_delay,
+)
 from natrio._dispatch.policy import nak_payload
 
 ACK = "$JS.ACK.NATRIO_TASKS.t~default.1.5.5.1700000000000000000.0"
@@ -254,3 +259,9 @@ DeliveryMachine.TestCase.settings = settings(
     max_examples=200, stateful_step_count=30, deadline=None
 )
 TestDeliveryMachine = DeliveryMachine.TestCase
+
+
+def test_an_unsettled_delivery_backs_off_with_its_delivery_count() -> None:
+    assert [unsettled_delay(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
+    assert unsettled_delay(40) == MAX_UNSETTLED_DELAY
+    assert unsettled_delay(0) == UNSETTLED_DELAY

@@ -411,3 +411,50 @@ async def test_bad_header_values_are_dead_lettered(
     await raw_publish(natrio_server, b"natrio.task.echo.default.h.s", b"", {name: value})
     await settled(natrio_connection, "echo")
     assert len(await malformed_reasons(natrio_client)) == 1
+
+
+async def test_a_fault_of_the_dispatcher_ends_run_deregistered(
+    natrio_connection: natrio.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fault injection into natrio's own code (not NATS): the keep-alive loop fails.
+    from natrio._dispatch.pool import Dispatcher
+
+    class Bug(Exception):
+        pass
+
+    async def broken(self: Dispatcher) -> None:
+        await trio.sleep(0.1)
+        raise Bug("a bug in the dispatcher")
+
+    monkeypatch.setattr(Dispatcher, "_keep_alive", broken)
+    worker = natrio.Worker(natrio_connection, shutdown_grace=30)
+    running = trio.Event()
+
+    @worker.handle("stuck")
+    async def stuck(ctx: natrio.TaskContext) -> None:
+        running.set()
+        await trio.sleep(60)
+
+    client = natrio.Client(natrio_connection)
+    ended: list[BaseException] = []
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await worker.run(task_status=task_status)
+        except Bug as exc:
+            ended.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run)
+            await client.submit("stuck")
+            await running.wait()
+    assert ended, "run() did not end with the dispatcher's fault"
+    assert await natrio.list_workers(natrio_connection) == []
+    # The task it held went back at once (no 30 s grace, no AckWait).
+    other = natrio.Worker(natrio_connection)
+    other.handle("stuck", echo)
+    async with natrio.open_worker(other):
+        with trio.fail_after(5):
+            while (await consumer_state(natrio_connection, "stuck"))["ack_pending"]:  # noqa: ASYNC110
+                await trio.sleep(0.05)

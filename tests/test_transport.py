@@ -34,7 +34,7 @@ def test_only_tested_nats_py_releases_are_accepted(version: str, supported: bool
 async def test_publishes_that_could_close_the_connection_are_refused(
     subject: str, reply: str, natrio_connection: natrio.Connection
 ) -> None:
-    with pytest.raises(ValueError, match="invalid|too long"):
+    with pytest.raises(ValueError, match=r"invalid|too long"):
         natrio_connection.publish_nowait(subject, b"", reply=reply)
     await natrio_connection.flush()
     assert not natrio_connection.closed

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .edge import ack_position
 from .policy import nak_payload
 
 if TYPE_CHECKING:
@@ -15,9 +16,16 @@ if TYPE_CHECKING:
     from .._context import TaskContext
     from .._transport import Message
 
-#: What a delivery is NAK'd with when it ends without an outcome (a recording that failed):
-#: soon, but not in a tight loop.
+#: What a delivery is NAK'd with when it ends without an outcome (a recording that failed,
+#: a fault of natrio's): soon, but not in a tight loop; doubled with every further delivery
+#: up to :data:`MAX_UNSETTLED_DELAY`, so that a fault that repeats costs little.
 UNSETTLED_DELAY = 1.0
+MAX_UNSETTLED_DELAY = 300.0
+
+
+def unsettled_delay(delivered: int) -> float:
+    """The NAK delay of delivery number ``delivered`` that ended without an outcome."""
+    return min(UNSETTLED_DELAY * 2.0 ** min(max(delivered - 1, 0), 16), MAX_UNSETTLED_DELAY)
 
 
 class Delivery:
@@ -26,7 +34,7 @@ class Delivery:
     ``settle`` sends at most one of ``+ACK``, ``-NAK`` or ``+TERM``; ``+WPI`` goes out only
     while unsettled. Whoever works on the delivery holds it (the runner from the start, a
     pipelined recording while the event is stored); when the last hold is let go, an
-    unsettled delivery is NAK'd after :data:`UNSETTLED_DELAY`, and ``on_release`` is
+    unsettled delivery is NAK'd after :func:`unsettled_delay`, and ``on_release`` is
     called, once.
     """
 
@@ -115,5 +123,7 @@ class Delivery:
             return
         self._holds -= 1
         if self._holds == 0:
-            self.nak(UNSETTLED_DELAY)
+            if not self.settled:
+                position = ack_position(self.msg.reply)
+                self.nak(unsettled_delay(position[0] if position else 1))
             self._on_release(self)

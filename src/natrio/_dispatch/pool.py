@@ -107,7 +107,8 @@ class Dispatcher:
                 msg, route, group, send=send, on_release=release, now=trio.current_time()
             )
             if self.stopping:
-                delivery.let_go()  # NAK'd at once: another worker takes it
+                delivery.nak()  # at once: another worker takes it
+                delivery.let_go()
                 return
             self._held.add(delivery)
             self._send.send_nowait(delivery)
