@@ -27,7 +27,7 @@ async def raw_publish(
     body: bytes = b"",
     headers: Mapping[bytes, bytes] | None = None,
 ) -> None:
-    """Publish one message with hand-built protocol frames, then PING and wait for PONG."""
+    """Publish one message with hand-built protocol frames and wait for the stream's PubAck."""
     assert server.port is not None
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     async with stream:
@@ -35,7 +35,7 @@ async def raw_publish(
         for name, value in (headers or {}).items():
             block += name + b": " + value + b"\r\n"
         block += b"\r\n"
-        frame = b"HPUB %s %d %d\r\n%s%s\r\n" % (
+        frame = b"HPUB %s _INBOX.raw %d %d\r\n%s%s\r\n" % (
             subject,
             len(block),
             len(block) + len(body),
@@ -44,16 +44,17 @@ async def raw_publish(
         )
         await stream.send_all(
             b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n'
-            + frame
-            + b"PING\r\n"
+            b"SUB _INBOX.raw 1\r\n" + frame
         )
         seen = b""
         with trio.fail_after(5):
-            while b"PONG" not in seen:
+            # The PubAck comes back on the reply subject once the stream stored the message.
+            while b"MSG _INBOX.raw" not in seen or not seen.endswith(b"\r\n"):
                 chunk = await stream.receive_some()
                 assert chunk, "the server closed the connection"
                 assert b"-ERR" not in chunk, chunk
                 seen += chunk
+        assert b'"error"' not in seen, seen
 
 
 async def settled(nc: natrio.Connection, task_type: str) -> None:
