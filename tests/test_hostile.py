@@ -26,12 +26,14 @@ async def raw_publish(
     subject: bytes,
     body: bytes = b"",
     headers: Mapping[bytes, bytes] | None = None,
+    *,
+    status_line: bytes = b"NATS/1.0",
 ) -> None:
     """Publish one message with hand-built protocol frames and wait for the stream's PubAck."""
     assert server.port is not None
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     async with stream:
-        block = b"NATS/1.0\r\n"
+        block = status_line + b"\r\n"
         for name, value in (headers or {}).items():
             block += name + b": " + value + b"\r\n"
         block += b"\r\n"
@@ -459,3 +461,48 @@ async def test_a_fault_of_the_dispatcher_ends_run_deregistered(
         with trio.fail_after(5):
             while (await consumer_state(natrio_connection, "stuck"))["ack_pending"]:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("separator", [b"\x0b", b"\x0c"])
+async def test_subjects_with_whitespace_nats_py_splits_on_are_settled(
+    separator: bytes,
+    natrio_server: natrio.EmbeddedServer,
+    natrio_connection: natrio.Connection,
+    natrio_client: natrio.Client,
+    natrio_worker_factory: WorkerFactory,
+) -> None:
+    # nats-server takes a vertical tab or form feed inside a subject; nats-py's parser,
+    # unpatched, split the delivered MSG line there and dropped the worker's connection.
+    await start_echo(natrio_worker_factory)
+    await raw_publish(natrio_server, b"natrio.task.echo.default.a" + separator + b"b.s")
+    await settled(natrio_connection, "echo")
+    assert natrio_connection.connected
+    assert natrio_connection.reconnects == 0
+    assert len(await malformed_reasons(natrio_client)) == 1
+    await canary(natrio_client)
+
+
+@pytest.mark.parametrize(
+    ("status_line", "headers"),
+    [
+        (b"NATS/1.0 503", {}),
+        (b"NATS/1.0 100 Idle Heartbeat", {}),
+        (b"NATS/1.0", {b"Status": b"503"}),
+        (b"NATS/1.0 409 Consumer Deleted", {b"Description": b"Consumer Deleted"}),
+    ],
+)
+async def test_a_task_posing_as_a_status_message_is_still_a_task(
+    status_line: bytes,
+    headers: dict[bytes, bytes],
+    natrio_server: natrio.EmbeddedServer,
+    natrio_connection: natrio.Connection,
+    natrio_client: natrio.Client,
+    natrio_worker_factory: WorkerFactory,
+) -> None:
+    await start_echo(natrio_worker_factory)
+    await raw_publish(
+        natrio_server, b"natrio.task.echo.default.posing.s", b"x", headers, status_line=status_line
+    )
+    with trio.fail_after(10):
+        assert await natrio_client.handle("echo", "posing", "s").result() == b"x"
+    await settled(natrio_connection, "echo")

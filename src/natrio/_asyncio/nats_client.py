@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import Any
 import nats
 import nats.aio.client
 import nats.errors
+import nats.protocol.parser as parser
 import trio
 import trio_asyncio
 
@@ -48,6 +50,55 @@ def _check_version() -> None:
 
 
 _check_version()
+
+
+def _read_control_lines_as_the_server_writes_them() -> None:
+    # nats-py splits MSG and HMSG lines at any ASCII whitespace (``\s``), nats-server only
+    # at spaces and tabs. A subject with a vertical tab or form feed, which any client may
+    # publish, then fails nats-py's parser, which drops the connection: every worker that
+    # is delivered such a task would lose its connection again at every redelivery. These
+    # patterns are nats-py's own with the server's separators.
+    field = rb"[^ \t\r\n]+"
+    gap = rb"[ \t]+"
+    parser.MSG_RE = re.compile(
+        rb"\AMSG"
+        + gap
+        + b"("
+        + field
+        + b")"
+        + gap
+        + b"("
+        + field
+        + b")"
+        + gap
+        + b"(("
+        + field
+        + b")"
+        + gap
+        + rb")?(\d+)\r\n"
+    )
+    parser.HMSG_RE = re.compile(
+        rb"\AHMSG"
+        + gap
+        + b"("
+        + field
+        + b")"
+        + gap
+        + b"("
+        + field
+        + b")"
+        + gap
+        + b"(("
+        + field
+        + b")"
+        + gap
+        + rb")?(\d+)"
+        + gap
+        + rb"(\d+)\r\n"
+    )
+
+
+_read_control_lines_as_the_server_writes_them()
 
 # A lane: where a subscription's messages go, called synchronously by nats-py's read loop
 # with the subject, reply subject (both bytes), payload and parsed headers.

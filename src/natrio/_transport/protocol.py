@@ -80,8 +80,17 @@ class Message:
 
     @property
     def status(self) -> str | None:
-        """The status code of a server status message (``"100"``, ``"408"``, ...), else None."""
-        return self.headers.get("Status") if self.headers else None
+        """The status code of a server status message (``"100"``, ``"408"``, ...), else None.
+
+        A message JetStream delivers with an ack subject is never a status message, whatever
+        its header block says: that block came from whoever published the message.
+        """
+        if not self.headers:
+            return None
+        status = self.headers.get("Status")
+        if status is not None and self.reply.startswith("$JS.ACK."):
+            return None
+        return status
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """One header's value, or ``default``."""
