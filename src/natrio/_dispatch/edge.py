@@ -27,6 +27,11 @@ MAX_RETRY_HEADER: Final = 1024
 MAX_DEADLINE: Final = 1e11
 
 _ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+# A valid task subject in one match; the slower checks below only say why one is not.
+_TASK_SUBJECT = re.compile(
+    r"natrio\.task\.([A-Za-z0-9_-]{1,64})\.([A-Za-z0-9_-]{1,64})"
+    r"\.([A-Za-z0-9_=-]{1,128})\.([A-Za-z0-9_=-]{1,128})"
+)
 _NUMBER = re.compile(r"[0-9]{1,12}(\.[0-9]{1,17})?")
 _ITERATION = re.compile(r"[1-9][0-9]{0,8}")
 
@@ -40,7 +45,7 @@ _LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
 
 def ack_position(reply: str) -> tuple[int, int] | None:
     """(delivery count, stream sequence) from a JetStream ack subject, or None if it is not one."""
-    if not reply.startswith("$JS.ACK.") or not reply.isascii() or len(reply) > 512:
+    if not reply.startswith("$JS.ACK.") or len(reply) > 512 or not reply.isascii():
         return None
     try:
         delivered, seq = wire.parse_ack_subject(reply)
@@ -78,15 +83,30 @@ def _number(name: str, value: str) -> float:
     return float(value)
 
 
+def _name_problem(name: str) -> str:
+    if not valid_header_name(name):
+        return f"invalid header name {name[:64]!r}"
+    canonical = _LOWER.get(name.lower())
+    if canonical is not None and canonical != name:
+        return f"header {name!r}: natrio's header names are exact ({canonical})"
+    return ""
+
+
+# Header names already judged ("" for fine): the same few names come on every task.
+_judged_names: dict[str, str] = {}
+
+
 def check_headers(headers: Mapping[str, str]) -> None:
     """Raise MalformedTask for a header name that is not a token, or one of natrio's names
     in another case."""
     for name in headers:
-        if not valid_header_name(name):
-            raise MalformedTask(f"invalid header name {name[:64]!r}")
-        canonical = _LOWER.get(name.lower())
-        if canonical is not None and canonical != name:
-            raise MalformedTask(f"header {name!r}: natrio's header names are exact ({canonical})")
+        problem = _judged_names.get(name)
+        if problem is None:
+            problem = _name_problem(name)
+            if len(_judged_names) < 1024:
+                _judged_names[name] = problem
+        if problem:
+            raise MalformedTask(problem)
 
 
 def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) -> Task:
@@ -100,20 +120,12 @@ def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) ->
         raise MalformedTask(f"not a JetStream ack subject: {msg.reply[:100]!r}")
     delivered, seq = position
     subject = msg.subject
-    if not subject.isascii():
-        raise MalformedTask("the subject is not ASCII")
-    parts = subject.split(".")
-    if len(parts) != 6 or parts[0] != wire.PREFIX or parts[1] != "task":
-        raise MalformedTask(
-            f"subject {subject[:200]!r} is not natrio.task.<type>.<group>.<run_id>.<step_id>"
-        )
-    if parts[2] != task_type or parts[3] != group:
+    match = _TASK_SUBJECT.fullmatch(subject)
+    if match is None:
+        raise MalformedTask(_subject_problem(subject, task_type, group))
+    if match[1] != task_type or match[2] != group:
         raise MalformedTask(f"subject {subject[:200]!r} is not for {task_type} in {group}")
-    run_id, step_id = parts[4], parts[5]
-    if not valid_id(run_id):
-        raise MalformedTask(f"run id {run_id[:64]!r}: use 1-128 of A-Z a-z 0-9 _ - =")
-    if not valid_id(step_id):
-        raise MalformedTask(f"step id {step_id[:64]!r}: use 1-128 of A-Z a-z 0-9 _ - =")
+    run_id, step_id = match[3], match[4]
     headers = msg.headers or {}
     retry = None
     deadline = None
@@ -135,7 +147,7 @@ def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) ->
             if not 0 < deadline <= MAX_DEADLINE:
                 raise MalformedTask(f"bad {wire.H_DEADLINE} header {text!r}: out of range")
         text = headers.get(wire.H_SUBMITTED)
-        if text is not None:
+        if text is not None and not _NUMBER.fullmatch(text):
             _number(wire.H_SUBMITTED, text)
         text = headers.get(wire.H_ITERATION)
         if text is not None:
@@ -160,3 +172,19 @@ def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) ->
         iteration=iteration,
         delivered=delivered,
     )
+
+
+def _subject_problem(subject: str, task_type: str, group: str) -> str:
+    """Why ``subject`` is not a task subject for ``task_type`` in ``group``."""
+    if not subject.isascii():
+        return "the subject is not ASCII"
+    parts = subject.split(".")
+    if len(parts) != 6 or parts[0] != wire.PREFIX or parts[1] != "task":
+        return f"subject {subject[:200]!r} is not natrio.task.<type>.<group>.<run_id>.<step_id>"
+    if parts[2] != task_type or parts[3] != group:
+        return f"subject {subject[:200]!r} is not for {task_type} in {group}"
+    if not valid_id(parts[4]):
+        return f"run id {parts[4][:64]!r}: use 1-128 of A-Z a-z 0-9 _ - ="
+    if not valid_id(parts[5]):
+        return f"step id {parts[5][:64]!r}: use 1-128 of A-Z a-z 0-9 _ - ="
+    return f"subject {subject[:200]!r} is not for a task type and group natrio names"

@@ -115,8 +115,12 @@ class Dispatcher:
 
         return accept
 
+    def _in_flight(self) -> int:
+        # Handlers running, and completions whose events are on their way.
+        return len(self._running) + self.recorder.recording
+
     def _on_lone_ack(self) -> None:
-        if not self._running:
+        if self._in_flight() <= 1:
             # The only task in flight: its client is waiting for this reply now.
             self.conn.send_now()
 
@@ -183,7 +187,7 @@ class Dispatcher:
                                 delivery = await receive.receive()
                         except trio.WouldBlock:
                             burst = 0
-                            if len(self._running) <= 1:
+                            if self._in_flight() <= 1:
                                 # Nothing queued and nothing else in flight: what this
                                 # runner published goes out now, not after the rest of the
                                 # scheduler pass (a round trip's latency). Under load the

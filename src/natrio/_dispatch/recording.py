@@ -81,6 +81,8 @@ class Recorder:
         # Called when a pipelined completion is acknowledged while nothing else runs.
         self.on_lone_ack: Callable[[], None] = lambda: None
         self.counts = Counts()
+        # Pipelined completions whose events are on their way to the stream.
+        self.recording = 0
 
     # -- hooks and state --------------------------------------------------------------
 
@@ -167,6 +169,7 @@ class Recorder:
             # the ack follows the stream's acknowledgement (or the slow path below does).
             # The recording holds the delivery, so it is released only when both are done.
             delivery.hold()
+            self.recording += 1
             try:
                 self.reporter.completed_nowait(
                     ctx.task,
@@ -174,6 +177,7 @@ class Recorder:
                     functools.partial(self._completion_stored, delivery, ctx, payload),
                 )
             except BaseException:
+                self.recording -= 1
                 delivery.let_go()
                 raise
             return
@@ -213,6 +217,7 @@ class Recorder:
                 return
         except Exception:
             log.exception("settling the completion of %s failed", delivery.msg.subject)
+        self.recording -= 1
         delivery.let_go()
 
     async def _record_completion_again(
@@ -225,6 +230,7 @@ class Recorder:
         except NatrioError as exc:
             ctx.logger.error("recording the outcome failed (%r); the task will be redelivered", exc)
         finally:
+            self.recording -= 1
             delivery.let_go()
 
     async def fail(

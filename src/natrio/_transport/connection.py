@@ -169,6 +169,8 @@ class Connection:
         self._link = link
         self.url = url
         self.inbox_prefix = link.inbox_prefix
+        # Read on every publish; the server's INFO sets it, so it is read again on reconnect.
+        self._max_payload = link.max_payload
         self._closed_for_good = trio.Event()
         self._outbox: list[_Item] = []
         self._drainer_idle = True
@@ -200,7 +202,7 @@ class Connection:
     @property
     def max_payload(self) -> int:
         """The largest payload the server accepts, in bytes."""
-        return self._link.max_payload
+        return self._max_payload
 
     @property
     def server_version(self) -> str:
@@ -241,10 +243,10 @@ class Connection:
         else:
             block = header_block(headers) if headers else b""
         size = len(payload) + len(block)
-        if size > self._link.max_payload:
+        if size > self._max_payload:
             raise PayloadTooLarge(
                 f"message of {size} bytes (payload and headers) exceeds the server's "
-                f"max_payload of {self._link.max_payload} bytes (subject {subject[:100]})"
+                f"max_payload of {self._max_payload} bytes (subject {subject[:100]})"
             )
         return block
 
@@ -481,6 +483,7 @@ class Connection:
 
     def _reconnected(self) -> None:
         self.reconnects += 1
+        self._max_payload = self._link.max_payload
         for listener in list(self._reconnect_listeners):
             try:
                 listener()

@@ -21,9 +21,11 @@ MAX_CONTROL_LINE: Final = 4096
 #: room for the verb and the two sizes.
 MAX_SUBJECTS_LENGTH: Final = MAX_CONTROL_LINE - 64
 
-# Printable ASCII except space: what natrio's own subjects are made of. The server accepts
-# more (any byte but whitespace), but natrio never needs it, and ASCII encodes one to one.
-_SUBJECT = re.compile(r"[!-~]+")
+# Tokens of printable ASCII except space and ".", joined by ".": what natrio's own subjects
+# are made of. The server accepts more (any byte but whitespace), but natrio never needs
+# it, and ASCII encodes one to one. One pattern, so a valid subject costs one match.
+_SUBJECT = re.compile(r"[!-\-/-~]+(?:\.[!-\-/-~]+)*")
+_PRINTABLE = re.compile(r"[!-~]+")
 # RFC 7230 token characters, as NATS header names use them.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -50,10 +52,9 @@ def check_subject(subject: str, *, kind: str = "subject", wildcards: bool = True
     characters; without ``wildcards``, no ``*`` or ``>`` tokens either (a reply subject is
     a publish target, never a pattern).
     """
-    if not subject or len(subject) > MAX_SUBJECTS_LENGTH or not _SUBJECT.fullmatch(subject):
-        raise ValueError(f"invalid {kind} {subject[:100]!r}")
-    if subject[0] == "." or subject[-1] == "." or ".." in subject:
-        raise ValueError(f"invalid {kind} {subject[:100]!r}: empty token")
+    if len(subject) > MAX_SUBJECTS_LENGTH or not _SUBJECT.fullmatch(subject):
+        reason = "empty token" if "." in subject and _PRINTABLE.fullmatch(subject) else ""
+        raise ValueError(f"invalid {kind} {subject[:100]!r}{': ' if reason else ''}{reason}")
     if not wildcards and ("*" in subject or ">" in subject):
         for token in subject.split("."):
             if token in ("*", ">"):
