@@ -58,44 +58,10 @@ def _read_control_lines_as_the_server_writes_them() -> None:
     # publish, then fails nats-py's parser, which drops the connection: every worker that
     # is delivered such a task would lose its connection again at every redelivery. These
     # patterns are nats-py's own with the server's separators.
-    field = rb"[^ \t\r\n]+"
-    gap = rb"[ \t]+"
-    parser.MSG_RE = re.compile(
-        rb"\AMSG"
-        + gap
-        + b"("
-        + field
-        + b")"
-        + gap
-        + b"("
-        + field
-        + b")"
-        + gap
-        + b"(("
-        + field
-        + b")"
-        + gap
-        + rb")?(\d+)\r\n"
-    )
-    parser.HMSG_RE = re.compile(
-        rb"\AHMSG"
-        + gap
-        + b"("
-        + field
-        + b")"
-        + gap
-        + b"("
-        + field
-        + b")"
-        + gap
-        + b"(("
-        + field
-        + b")"
-        + gap
-        + rb")?(\d+)"
-        + gap
-        + rb"(\d+)\r\n"
-    )
+    # Subject, subscription id, optional reply subject; fields end at a space or a tab.
+    fields = rb"[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?"
+    parser.MSG_RE = re.compile(rb"\AMSG" + fields + rb"(\d+)\r\n")
+    parser.HMSG_RE = re.compile(rb"\AHMSG" + fields + rb"(\d+)[ \t]+(\d+)\r\n")
 
 
 _read_control_lines_as_the_server_writes_them()
