@@ -295,7 +295,7 @@ def test_replies_under_the_inbox_prefix(reply: str) -> None:
         ("_INBOX." + "x" * 5000, "at most 256"),
         ("_INBOX.a b", "invalid Natrio-Reply"),
         ("_INBOX.a\tb", "invalid Natrio-Reply"),
-        ("_INBOX.a\r\nPUB x 1", "invalid Natrio-Reply"),
+        ("_INBOX.a\r\nPUB x 1", "invalid Natrio-Reply|line break"),
         ("_INBOX.\u00e9", "invalid Natrio-Reply"),
         ("_INBOX.\udcff", "invalid Natrio-Reply"),
         ("_INBOX.\x7f", "invalid Natrio-Reply"),
@@ -861,3 +861,15 @@ def test_parse_headers_never_raises(raw: bytes) -> None:
         assert isinstance(value, str)
         assert "\r\n" not in name
         assert "\r\n" not in value
+
+
+def test_a_header_value_with_a_lone_line_break_is_malformed() -> None:
+    with pytest.raises(MalformedTask, match="line break"):
+        read(message(headers={"X-App": "a\nb"}))
+
+
+@pytest.mark.parametrize("field", ["initial_interval", "maximum_interval", "backoff_coefficient"])
+def test_a_retry_policy_with_numbers_too_large_for_a_float_is_malformed(field: str) -> None:
+    text = json.dumps({field: 10**400})
+    with pytest.raises(MalformedTask, match="Natrio-Retry"):
+        read(message(headers={wire.H_RETRY: text}))

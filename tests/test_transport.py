@@ -52,3 +52,17 @@ async def test_a_cancelled_drain_still_lets_unsubscribe_remove_the_subscription(
         await sub.drain()
     await sub.unsubscribe()
     assert len(subs) == before
+
+
+async def test_a_connection_knows_its_own_inboxes(natrio_connection: natrio.Connection) -> None:
+    # Replies a client expects may be answered; its requests' replies and its pull
+    # inboxes are natrio's own, and no task may have a worker answer there.
+    expected, _slot = natrio_connection.expect_reply()
+    assert not natrio_connection.is_own_inbox(expected)
+    assert natrio_connection.is_own_inbox(natrio_connection._mux_prefix + "r5")
+    inbox = natrio_connection.new_inbox()
+    sub = await natrio_connection.subscribe(inbox + ".*.*")
+    assert natrio_connection.is_own_inbox(inbox + ".1.16")
+    assert not natrio_connection.is_own_inbox(inbox + "x.1")
+    await sub.unsubscribe()
+    assert not natrio_connection.is_own_inbox(inbox + ".1.16")

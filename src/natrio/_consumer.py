@@ -72,6 +72,7 @@ class PullConsumer:
         self._paused_until = 0.0
         self._rewatch = trio.Event()
         self._stopped = False
+        self._stopping = False
 
     # -- the window, as PullState counts it ------------------------------------------
 
@@ -165,7 +166,7 @@ class PullConsumer:
     def _on_status(self, msg: Message, status: str) -> None:
         description = msg.header("Description", "") or ""
         raw = msg.header("Nats-Pending-Messages")
-        pending = int(raw) if raw and raw.isdigit() else None
+        pending = int(raw) if raw and raw.isascii() and raw.isdigit() else None
         state = self._state
         action = state.on_status(msg.subject, status, description, pending)
         if action is Action.STALE:
@@ -205,8 +206,9 @@ class PullConsumer:
                 # Drain rather than unsubscribe, also when cancelled: messages the server
                 # already sent must reach the sink (which NAKs them during shutdown), not
                 # vanish inside nats-py and wait out AckWait.
-                with trio.move_on_after(0.5):
-                    await inbox.drain()
+                if not self._stopping:  # stop() drains, within its caller's bound
+                    with trio.move_on_after(0.5):
+                        await inbox.drain()
                 await inbox.unsubscribe()
 
     async def _supervise(self) -> None:
@@ -264,10 +266,15 @@ class PullConsumer:
         is shutting down; then :meth:`run` returns.
         """
         self._pulling = False
+        self._stopping = True
         if self._inbox is not None:
             await self._inbox.drain()
         self._stopped = True
         self._rewatch.set()
+
+    def stop_pulling(self) -> None:
+        """Send no more pulls (at once, before :meth:`stop` gets to run)."""
+        self._pulling = False
 
     def statistics(self) -> dict[str, int]:
         """Window, held, requested, received and pulls sent."""

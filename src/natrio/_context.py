@@ -40,9 +40,7 @@ class Finisher(Protocol):
 
 
 def _finite_delay(delay: object) -> bool:
-    return (
-        isinstance(delay, int | float) and not isinstance(delay, bool) and 0 <= delay < math.inf
-    )
+    return isinstance(delay, int | float) and not isinstance(delay, bool) and 0 <= delay < math.inf
 
 
 class TaskContext:

@@ -126,12 +126,17 @@ class JetStream:
         The server answers with at most 100,000 subjects at a time; this pages through all.
         """
         found: dict[str, int] = {}
+        offset = 0
         while True:
-            body = {"subjects_filter": subjects_filter, "offset": len(found)}
+            body = {"subjects_filter": subjects_filter, "offset": offset}
             info = await self.api(f"STREAM.INFO.{stream}", body)
             page = (info.get("state") or {}).get("subjects") or {}
-            found.update(page)
-            if not page or len(found) >= int(info.get("total") or 0):
+            # Counted by page, not by keys found: subjects that are not UTF-8 reach JSON
+            # with U+FFFD in them, and distinct ones can become one key.
+            offset += len(page)
+            for subject, count in page.items():
+                found[subject] = found.get(subject, 0) + count
+            if not page or offset >= int(info.get("total") or 0):
                 return found
 
     async def ensure_consumer(self, stream: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -435,7 +440,12 @@ class KeyWatch:
                     with suppress(NatrioError, ValueError):
                         self.js.conn.publish_nowait(reply)
             last = msg.header("Nats-Last-Consumer")
-            if last is not None and last.isdigit() and int(last) != self._next_seq - 1:
+            if (
+                last is not None
+                and last.isascii()
+                and last.isdigit()
+                and int(last) != self._next_seq - 1
+            ):
                 self._mark_stale(f"missed entries (the server sent {last})")
         elif status == "409":
             self._mark_stale(f"the server ended it: {msg.header('Description')}")
@@ -467,7 +477,12 @@ def _delivery(reply: str) -> tuple[int, str] | None:
     parts = reply.split(".")
     if len(parts) == 9:
         parts[2:2] = ["", ""]
-    if len(parts) < 11 or parts[0] != "$JS" or parts[1] != "ACK" or not parts[8].isdigit():
+    if (
+        len(parts) < 11
+        or parts[0] != "$JS"
+        or parts[1] != "ACK"
+        or not (parts[8].isascii() and parts[8].isdigit())
+    ):
         return None
     return int(parts[8]), f"{parts[7]}@{parts[9]}"
 

@@ -177,16 +177,24 @@ class Reporter:
             headers=self._headers(task),
         )
 
-    async def continued(self, task: Task, subject: str, next_input: bytes) -> None:
-        """Enqueue the step's next iteration on ``subject`` (once, even if this runs twice)
-        and record the ``continued`` event; the caller acks."""
-        headers = {
-            k: v for k, v in task.headers.items() if not k.startswith("Nats-") or k == wire.H_MSG_ID
-        }
+    @staticmethod
+    def next_iteration_headers(task: Task) -> Headers:
+        """The headers of the step's next iteration: the task's own, less JetStream's, with a
+        new message id and iteration. Raises ValueError for one that cannot be published."""
+        headers = {k: v for k, v in task.headers.items() if not k.startswith("Nats-")}
         headers[wire.H_MSG_ID] = wire.task_msg_id(
             task.task_type, task.run_id, task.step_id, task.iteration + 1
         )
         headers[wire.H_ITERATION] = str(task.iteration + 1)
+        return Headers(headers)
+
+    async def continued(
+        self, task: Task, subject: str, next_input: bytes, headers: Headers | None = None
+    ) -> None:
+        """Enqueue the step's next iteration on ``subject`` (once, even if this runs twice)
+        and record the ``continued`` event; the caller acks."""
+        if headers is None:
+            headers = self.next_iteration_headers(task)
         await self._publish_durably(subject, next_input, headers)
         await self._publish_durably(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.CONTINUED),

@@ -148,7 +148,7 @@ class PullState:
         if not subject.startswith(prefix):
             return None
         number, _, batch = subject[len(prefix) :].partition(".")
-        if not (number.isdigit() and batch.isdigit()):
+        if not (number.isascii() and batch.isascii() and number.isdigit() and batch.isdigit()):
             return None
         n = int(number)
         if not self._first <= n <= self.pulls:

@@ -13,8 +13,19 @@ import attrs
 from ._errors import ConfigurationError, Fatal
 
 
+def _number(value: object) -> float:
+    """``value`` as a float, NaN for what is no number or too large for one (an int like
+    10**400 from a task's JSON would overflow when a delay is computed)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:
+        return math.nan
+
+
 def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+    if not 0 <= _number(value) < math.inf:
         raise ConfigurationError(
             f"RetryPolicy.{attribute.name} must be a finite number >= 0, got {value!r}"
         )
@@ -58,11 +69,7 @@ class RetryPolicy:
 
     @backoff_coefficient.validator
     def _check_coefficient(self, _attribute: object, value: float) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not 1 <= value < math.inf
-        ):
+        if not 1 <= _number(value) < math.inf:
             raise ConfigurationError(
                 f"RetryPolicy.backoff_coefficient must be finite and >= 1, got {value!r}"
             )
@@ -76,7 +83,7 @@ class RetryPolicy:
 
     @jitter.validator
     def _check_jitter(self, _attribute: object, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        if not 0.0 <= _number(value) <= 1.0:
             raise ConfigurationError(f"RetryPolicy.jitter must be within [0, 1], got {value!r}")
 
     def delay(self, attempt: int) -> float:
@@ -84,7 +91,7 @@ class RetryPolicy:
         # Grow step by step and stop at the cap: a large attempt number must not overflow.
         base = self.initial_interval
         for _ in range(max(attempt - 1, 0)):
-            if base >= self.maximum_interval or self.backoff_coefficient == 1.0:
+            if base >= self.maximum_interval or base == 0 or self.backoff_coefficient == 1.0:
                 break
             base *= self.backoff_coefficient
         base = min(base, self.maximum_interval)

@@ -485,6 +485,8 @@ class Worker:
         # From here on every arriving message is NAK'd at once. The steps below are bounded
         # so that the whole shutdown takes at most grace + 1 s.
         dispatcher.stopping = True
+        for consumer in consumers:
+            consumer.stop_pulling()
         with trio.move_on_after(0.2):
             async with trio.open_nursery() as nursery:
                 for consumer in consumers:

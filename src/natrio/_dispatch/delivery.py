@@ -4,6 +4,7 @@ it sends through the function it is given."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
 
     from .._context import TaskContext
     from .._transport import Message
+
+log = logging.getLogger("natrio.dispatcher")
 
 #: What a delivery is NAK'd with when it ends without an outcome (a recording that failed,
 #: a fault of natrio's): soon, but not in a tight loop; doubled with every further delivery
@@ -84,11 +87,19 @@ class Delivery:
 
     # -- settlement -------------------------------------------------------------------
 
+    def _send_safely(self, payload: bytes) -> None:
+        # A settlement that cannot be sent (the connection closed) is one the server will
+        # redeliver after AckWait: logged, never raised into the runner or the read loop.
+        try:
+            self._send(self.msg.reply, payload)
+        except Exception as exc:
+            log.warning("could not send %r for %s: %r", payload[:5], self.msg.subject[:200], exc)
+
     def _settle(self, payload: bytes) -> bool:
         if self.settled:
             return False
         self.settled = True
-        self._send(self.msg.reply, payload)
+        self._send_safely(payload)
         return True
 
     def ack(self) -> bool:
@@ -107,7 +118,7 @@ class Delivery:
         """Reset the server's ack timer (``+WPI``), unless already settled."""
         self.last_progress = now
         if not self.settled:
-            self._send(self.msg.reply, b"+WPI")
+            self._send_safely(b"+WPI")
 
     # -- holds ------------------------------------------------------------------------
 

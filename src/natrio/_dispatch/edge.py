@@ -44,10 +44,12 @@ _LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
 
 
 def ack_position(reply: str) -> tuple[int, int] | None:
-    """(delivery count, stream sequence) from a JetStream ack subject, or None if it is not one."""
-    if not reply.startswith("$JS.ACK.") or len(reply) > 512 or not reply.isascii():
+    """(delivery count, stream sequence) from a JetStream ack subject, or None if it is not
+    one (or not one natrio may publish to)."""
+    if not reply.startswith("$JS.ACK.") or len(reply) > 512:
         return None
     try:
+        check_subject(reply, wildcards=False)
         delivered, seq = wire.parse_ack_subject(reply)
     except ValueError:
         return None
@@ -97,9 +99,9 @@ _judged_names: dict[str, str] = {}
 
 
 def check_headers(headers: Mapping[str, str]) -> None:
-    """Raise MalformedTask for a header name that is not a token, or one of natrio's names
-    in another case."""
-    for name in headers:
+    """Raise MalformedTask for a header name that is not a token, one of natrio's names in
+    another case, or a value with a line break."""
+    for name, value in headers.items():
         problem = _judged_names.get(name)
         if problem is None:
             problem = _name_problem(name)
@@ -107,6 +109,9 @@ def check_headers(headers: Mapping[str, str]) -> None:
                 _judged_names[name] = problem
         if problem:
             raise MalformedTask(problem)
+        if "\n" in value or "\r" in value:
+            # A lone line break survives parsing but could not be published again.
+            raise MalformedTask(f"header {name!r} has a line break in its value")
 
 
 def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) -> Task:

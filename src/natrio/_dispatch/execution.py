@@ -107,6 +107,13 @@ class Executor:
             self.malformed += 1
             await self.recorder.malformed(delivery, str(exc), self.inbox_prefix)
             return
+        # From here on a shutdown out of grace cancels this execution (its checks are
+        # shielded; the handler's first checkpoint then hands the task back).
+        delivery.running = True
+        if task.reply is not None and self.reporter.conn.is_own_inbox(task.reply):
+            # One of this worker's own inboxes (its pulls, its requests' replies): answering
+            # there could pass for a reply natrio waits for.
+            task = attrs.evolve(task, reply=None)
         if task.reply is None and msg.header(wire.H_REPLY):
             self.logger.warning(
                 "not answering %s/%s on %r: replies go only to subjects under %s.",
@@ -116,7 +123,7 @@ class Executor:
                 self.inbox_prefix,
             )
         if task.delivered > 1:
-            with trio.CancelScope(shield=True):
+            with self.recorder.recording_scope():
                 task = await self._account_for_pauses(task)
                 settle = await self.reporter.finish_if_done(task)
             if settle == "term":
@@ -160,7 +167,6 @@ class Executor:
         call = self.chain(route)
         if task.deadline is not None:
             scope.deadline = trio.current_time() + (task.deadline - time.time())
-        delivery.running = True
         try:
             if route.timeout is None:
                 result = await call(Invocation(task, ctx))
@@ -249,7 +255,7 @@ class _Finish:
     async def fail(
         self, ctx: TaskContext, exc: BaseException, *, permanent: bool, delay: float | None
     ) -> None:
-        with trio.CancelScope(shield=True):
+        with self._recorder.recording_scope():
             await self._recorder.fail(self._delivery, ctx, exc, permanent=permanent, delay=delay)
 
     async def pause(self, ctx: TaskContext, delay: float) -> None:

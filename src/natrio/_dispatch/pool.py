@@ -17,6 +17,7 @@ from .._state import StepState
 from .._transport import Message
 from ..middleware import Middleware
 from .delivery import Delivery
+from .edge import ack_position
 from .execution import Executor, Route
 from .recording import Recorder, StepHooks
 
@@ -103,6 +104,12 @@ class Dispatcher:
             consumer.release()
 
         def accept(msg: Message) -> None:
+            if ack_position(msg.reply) is None:
+                # Not a JetStream delivery (a publish to the pull inbox): nothing to settle,
+                # and nothing natrio may publish to.
+                log.error("dropping a message without an ack subject on %r", msg.subject[:200])
+                consumer.release()
+                return
             delivery = Delivery(
                 msg, route, group, send=send, on_release=release, now=trio.current_time()
             )
@@ -222,7 +229,7 @@ class Dispatcher:
             if scope.cancel_called:
                 # Interrupted by a deadline or a shutdown: record that out of reach of the
                 # cancellation; the runner then takes a fresh scope.
-                with trio.CancelScope(shield=True):
+                with self.recorder.recording_scope():
                     try:
                         await self.executor.interrupted(delivery)
                     except Exception:
@@ -274,35 +281,41 @@ class Dispatcher:
         async def hand_back(delivery: Delivery) -> None:
             try:
                 await self.executor.hand_back(delivery)
+            except Exception:
+                log.exception("handing back %s failed", delivery.msg.subject[:200])
             finally:
                 delivery.let_go()
 
+        end_of_grace = trio.current_time() + grace
         async with trio.open_nursery() as nursery:
-            # Queued tasks go back at once, while running handlers get their grace.
+            # Queued tasks go back at once, while running handlers get their grace, and
+            # completions on their way to the stream get theirs.
             for delivery in queued:
                 nursery.start_soon(hand_back, delivery)
-            if self._running:
-                with trio.move_on_after(grace):
+            with trio.move_on_at(end_of_grace):
+                if self._running:
                     await self._all_done.wait()
+                await self.recorder.wait_recorded()
+        # Whatever is still being recorded now gets as long as the handlers do to unwind.
+        self.recorder.cut(trio.current_time() + 0.4)
         if self._running:
             self.logger.warning(
                 "cancelling %d handler(s) still running after %.1f s grace",
                 len(self._running),
                 grace,
             )
-            # Outcomes being recorded right now get as long as the handlers do to unwind.
-            self.reporter.hard_deadline = trio.current_time() + 0.4
-            self.recorder.hook_timeout = 0.4
             for delivery in list(self._running):
                 if not delivery.running:
-                    continue  # recording its outcome, bounded by hard_deadline above
+                    continue  # recording its outcome, bounded by the cut above
                 delivery.cancelled_by_shutdown = True
                 if delivery.scope is not None:
                     delivery.scope.cancel()
-            with trio.move_on_after(0.4):
+        with trio.move_on_after(0.4):
+            if self._running:
                 await self._all_done.wait()
+            await self.recorder.wait_recorded()
         # Anything still unsettled (a handler that ignores cancellation, a completion whose
-        # event is still on its way) goes back now.
+        # event could not be stored in time) goes back now.
         for delivery in list(self._held):
             delivery.nak()
         self._keep_alive_scope.cancel()

@@ -4,10 +4,11 @@ pause, agent-loop continuation, or a hand-back at shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -83,6 +84,40 @@ class Recorder:
         self.counts = Counts()
         # Pipelined completions whose events are on their way to the stream.
         self.recording = 0
+        self._none_recording = trio.Event()
+        # The shielded scopes outcomes are recorded in, so a shutdown can bound them all.
+        self._scopes: set[trio.CancelScope] = set()
+        self._cut_at = math.inf
+
+    @contextlib.contextmanager
+    def recording_scope(self) -> Iterator[trio.CancelScope]:
+        # Shielded: cancelling the handler never cuts an outcome short. Bounded: a
+        # shutdown out of grace gives every recording the same short deadline (cut()).
+        with trio.CancelScope(shield=True, deadline=self._cut_at) as scope:
+            self._scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+
+    def cut(self, deadline: float) -> None:
+        """Bound every outcome being recorded now, and every later one, by ``deadline``."""
+        self._cut_at = deadline
+        self.reporter.hard_deadline = deadline
+        self.hook_timeout = min(self.hook_timeout, max(deadline - trio.current_time(), 0.0))
+        for scope in self._scopes:
+            scope.deadline = min(scope.deadline, deadline)
+
+    def _recorded_one(self) -> None:
+        self.recording -= 1
+        if not self.recording:
+            self._none_recording.set()
+            self._none_recording = trio.Event()
+
+    async def wait_recorded(self) -> None:
+        """Return once no pipelined completion is on its way."""
+        while self.recording:
+            await self._none_recording.wait()
 
     # -- hooks and state --------------------------------------------------------------
 
@@ -126,7 +161,7 @@ class Recorder:
     async def dead(self, delivery: Delivery, ctx: TaskContext, error: TaskError) -> None:
         """Dead-letter the task: hook, entry and event, then ``+TERM`` and the reply."""
         ctx._finished = True
-        with trio.CancelScope(shield=True):
+        with self.recording_scope():
             if not await self._run_hook(delivery, ctx, "on_step_failed", error):
                 return
             payload, headers = await self.reporter.dead(ctx.task, delivery.msg.subject, error)
@@ -154,7 +189,7 @@ class Recorder:
         if shield:
             # Called from inside the handler, where any scope of the handler's may be
             # cancelled: the outcome is recorded regardless.
-            with trio.CancelScope(shield=True):
+            with self.recording_scope():
                 await self._record_completion(delivery, ctx, payload)
         else:
             await self._record_completion(delivery, ctx, payload)
@@ -177,7 +212,7 @@ class Recorder:
                     functools.partial(self._completion_stored, delivery, ctx, payload),
                 )
             except BaseException:
-                self.recording -= 1
+                self._recorded_one()
                 delivery.let_go()
                 raise
             return
@@ -203,6 +238,7 @@ class Recorder:
     ) -> None:
         # Called from the connection's read loop (or its request sweeper): never raises,
         # and lets go of the delivery exactly once, here or in the retry it starts.
+        retrying = False
         try:
             if delivery.settled:
                 pass  # a shutdown handed it back meanwhile; a redelivery finds the event
@@ -214,23 +250,26 @@ class Recorder:
                 # completions do (the same Nats-Msg-Id keeps it to one event).
                 log.debug("completion of %s not stored (%r); retrying", delivery.msg.subject, error)
                 self.spawn(self._record_completion_again, delivery, ctx, payload)
-                return
+                retrying = True
         except Exception:
             log.exception("settling the completion of %s failed", delivery.msg.subject)
-        self.recording -= 1
-        delivery.let_go()
+        finally:
+            if not retrying:
+                self._recorded_one()
+                delivery.let_go()
 
     async def _record_completion_again(
         self, delivery: Delivery, ctx: TaskContext, payload: bytes
     ) -> None:
         try:
-            with trio.CancelScope(shield=True):
-                headers = await self.reporter.completed(ctx.task, payload)
-                self._acknowledge(delivery, ctx, payload, headers)
-        except NatrioError as exc:
+            with self.recording_scope():
+                if not delivery.settled:
+                    headers = await self.reporter.completed(ctx.task, payload)
+                    self._acknowledge(delivery, ctx, payload, headers)
+        except Exception as exc:
             ctx.logger.error("recording the outcome failed (%r); the task will be redelivered", exc)
         finally:
-            self.recording -= 1
+            self._recorded_one()
             delivery.let_go()
 
     async def fail(
@@ -272,7 +311,7 @@ class Recorder:
         """Record the pause (so it uses no attempt) and NAK with the delay."""
         task = ctx.task
         delay = finite_delay(delay)
-        with trio.CancelScope(shield=True):
+        with self.recording_scope():
             await self.state.record_pause(task.run_id, task.step_id, task.seq, task.delivered)
         self.reporter.paused(task, delay)
         delivery.nak(delay)
@@ -294,22 +333,26 @@ class Recorder:
             return
         try:
             payload = encode(output)
-            if not self.reporter.fits(payload):
+            # The task's own headers go on with it: checked here, so one from the wire that
+            # cannot be published again fails the step instead of the recording.
+            headers = self.reporter.next_iteration_headers(task)
+            if len(payload) + len(headers.block) > self.reporter.conn.max_payload:
                 raise PayloadTooLarge(
-                    f"the next iteration's input of {len(payload)} bytes does not fit in a message"
+                    f"the next iteration's input of {len(payload)} bytes and its headers "
+                    "do not fit in a message"
                 )
         except Exception as exc:
             await self.fail(delivery, ctx, exc, permanent=True, delay=None)
             return
-        with trio.CancelScope(shield=True):
-            await self.reporter.continued(task, delivery.msg.subject, payload)
+        with self.recording_scope():
+            await self.reporter.continued(task, delivery.msg.subject, payload, headers)
         if delivery.ack():
             self.counts.processed += 1
 
     async def hand_back(self, delivery: Delivery, inbox_prefix: str) -> None:
         """Return a task at shutdown: recorded (briefly, best effort) as a return, so the
         redelivery uses no attempt, then NAK'd for another worker at once."""
-        with trio.CancelScope(shield=True), trio.move_on_after(0.2):
+        with self.recording_scope(), trio.move_on_after(0.2):
             try:
                 task = delivery.ctx.task if delivery.ctx is not None else None
                 if task is None:
@@ -320,7 +363,7 @@ class Recorder:
                         inbox_prefix=inbox_prefix,
                     )
                 await self.state.record_return(task.run_id, task.step_id, task.seq)
-            except NatrioError as exc:
+            except Exception as exc:
                 log.debug("could not record the return of %s: %r", delivery.msg.subject, exc)
         delivery.nak()
 
@@ -339,7 +382,7 @@ class Recorder:
                 reply = reply_target(check_reply(raw_reply), inbox_prefix)
             except NatrioError:
                 reply = None
-        with trio.CancelScope(shield=True):
+        with self.recording_scope():
             await self.reporter.malformed(
                 msg,
                 reason,

@@ -152,6 +152,7 @@ class Subscription:
             return
         self._closed = True
         self._send.close()
+        self._conn._own_inboxes.pop(self._sid, None)
         await self._conn._link.unsubscribe(self._sid)
 
     async def __aenter__(self) -> Subscription:
@@ -179,6 +180,9 @@ class Connection:
         self._expected: weakref.WeakValueDictionary[str, Reply] = weakref.WeakValueDictionary()
         self._tokens = itertools.count()
         self._mux_prefix = ""
+        # This connection's own inboxes (subscriptions under the inbox prefix), wildcards
+        # cut off: where no one else's reply may be steered.
+        self._own_inboxes: dict[int, str] = {}
         self._mux_length = 0
         self._deadlines: list[tuple[float, str, str, float]] = []
         self._sweep_wake = trio.Event()
@@ -334,7 +338,9 @@ class Connection:
         waiter: _Waiter,
     ) -> str:
         block = self._check(subject, payload, headers)
-        token = str(next(self._tokens))
+        # "r" marks the replies to natrio's own requests (PubAcks, API answers), which no
+        # one may be steered to answer (is_own_inbox); expected replies are plain numbers.
+        token = f"r{next(self._tokens)}"
         self._waiters[token] = waiter
         if timeout is not None:
             heapq.heappush(
@@ -452,7 +458,23 @@ class Connection:
                 )
 
         sid = await self._link.subscribe(subject, queue, deliver)
+        if subject.startswith(self.inbox_prefix + "."):
+            tokens = subject.split(".")
+            while tokens[-1] in ("*", ">"):
+                tokens.pop()
+            self._own_inboxes[sid] = ".".join(tokens)
         return Subscription(self, subject, receive, send, sid)
+
+    def is_own_inbox(self, subject: str) -> bool:
+        """Whether ``subject`` is one of this connection's own inboxes, or under one: where
+        its requests' replies, pulls and watches arrive. The replies it expects from others
+        (:meth:`expect_reply`, a client's waiting task) are not among them."""
+        if self._mux_prefix and subject.startswith(self._mux_prefix + "r"):
+            return True
+        return any(
+            subject == inbox or subject.startswith(inbox + ".")
+            for inbox in self._own_inboxes.values()
+        )
 
     def expect_reply(self) -> tuple[str, Reply]:
         """A reply subject and the ``Reply`` its first message will land in.
@@ -469,7 +491,9 @@ class Connection:
         self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
     ) -> None:
         token = subject[self._mux_length :].decode(errors="replace")
-        waiter = self._waiters.pop(token, None) or self._expected.pop(token, None)
+        waiter = (
+            self._waiters.pop(token, None) if token[:1] == "r" else self._expected.pop(token, None)
+        )
         if waiter is not None:
             waiter.message = Message(
                 subject.decode(errors="replace"), data, reply.decode(errors="replace"), headers

@@ -147,7 +147,7 @@ def parse_headers(raw: bytes) -> dict[str, str]:
     first = lines[0]
     if len(first) > 9:
         status, _, description = first[9:].strip().partition(" ")
-        if status.isdigit():
+        if status.isascii() and status.isdigit():
             headers["Status"] = status
         if description:
             headers["Description"] = description
