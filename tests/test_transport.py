@@ -66,3 +66,13 @@ async def test_a_connection_knows_its_own_inboxes(natrio_connection: natrio.Conn
     assert not natrio_connection.is_own_inbox(inbox + "x.1")
     await sub.unsubscribe()
     assert not natrio_connection.is_own_inbox(inbox + ".1.16")
+
+
+async def test_a_wide_subscription_under_the_inbox_prefix_is_no_own_inbox(
+    natrio_connection: natrio.Connection,
+) -> None:
+    sub = await natrio_connection.subscribe(f"{natrio_connection.inbox_prefix}.>")
+    expected, _slot = natrio_connection.expect_reply()
+    assert not natrio_connection.is_own_inbox(expected)
+    assert not natrio_connection.is_own_inbox(f"{natrio_connection.inbox_prefix}.client.x")
+    await sub.unsubscribe()

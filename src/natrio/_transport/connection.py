@@ -458,11 +458,9 @@ class Connection:
                 )
 
         sid = await self._link.subscribe(subject, queue, deliver)
-        if subject.startswith(self.inbox_prefix + "."):
-            tokens = subject.split(".")
-            while tokens[-1] in ("*", ">"):
-                tokens.pop()
-            self._own_inboxes[sid] = ".".join(tokens)
+        inbox = _inbox_of(subject, self.inbox_prefix)
+        if inbox is not None:
+            self._own_inboxes[sid] = inbox
         return Subscription(self, subject, receive, send, sid)
 
     def is_own_inbox(self, subject: str) -> bool:
@@ -541,6 +539,18 @@ class Connection:
                 waiter.error = ConnectionClosed("the connection is closed")
                 waiter.settle()
             await self._link.close()
+
+
+def _inbox_of(subject: str, prefix: str) -> str | None:
+    """The inbox ``subject`` subscribes to when it is one made by :meth:`Connection.new_inbox`
+    (``<prefix>.<22-character nuid>``, perhaps with wildcard tokens after it), else None."""
+    if not subject.startswith(prefix + "."):
+        return None
+    token = subject[len(prefix) + 1 :].split(".", 1)
+    rest = token[1].split(".") if len(token) > 1 else []
+    if len(token[0]) != 22 or any(part not in ("*", ">") for part in rest):
+        return None
+    return f"{prefix}.{token[0]}"
 
 
 def _urls(url: str | Sequence[str] | None) -> list[str]:
