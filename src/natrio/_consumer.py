@@ -1,7 +1,7 @@
 """The consumer: one JetStream pull consumer, pulled continuously, its messages handed to a sink.
 
 natrio speaks the pull protocol itself rather than calling nats-py's ``fetch()`` (see
-DESIGN.md): pull requests are published to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>``,
+docs/concepts.md): pull requests are published to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<name>``,
 each with a reply subject of its own under one wildcard inbox, messages and status replies
 arrive there, and the consumer keeps ``held + requested <= window``, where ``held`` are
 messages handed to the sink and not yet released and ``requested`` are messages asked for

@@ -165,32 +165,19 @@ class JetStream:
         """The last message stored on ``subject`` (a direct get), or None when there is none."""
         # The subject in the request subject (not the body), so that permissions can
         # scope who may read what.
-        msg = await self._request(f"{API}.DIRECT.GET.{stream}.{subject}", b"")
-        status = msg.status
-        if status == "404":
-            return None
-        if status is not None and status != "200":
-            raise JetStreamError(
-                int(status), 0, msg.header("Description", "") or "direct get failed"
-            )
-        return msg
+        return _found(await self._request(f"{API}.DIRECT.GET.{stream}.{subject}", b""))
 
     async def next_message(
         self, stream: str, subject: str, *, after: int
     ) -> tuple[int, bytes] | None:
         """The first message on ``subject`` with a sequence above ``after``: (seq, data), or None."""
-        msg = await self._request(
-            f"{API}.DIRECT.GET.{stream}",
-            json.dumps({"seq": after + 1, "next_by_subj": subject}).encode(),
-        )
-        status = msg.status
-        if status == "404":
-            return None
-        if status is not None and status != "200":
-            raise JetStreamError(
-                int(status), 0, msg.header("Description", "") or "direct get failed"
+        msg = _found(
+            await self._request(
+                f"{API}.DIRECT.GET.{stream}",
+                json.dumps({"seq": after + 1, "next_by_subj": subject}).encode(),
             )
-        return int(msg.header("Nats-Sequence") or 0), msg.data
+        )
+        return None if msg is None else (int(msg.header("Nats-Sequence") or 0), msg.data)
 
 
 class KeyValue:
@@ -485,6 +472,16 @@ def _delivery(reply: str) -> tuple[int, str] | None:
     ):
         return None
     return int(parts[8]), f"{parts[7]}@{parts[9]}"
+
+
+def _found(msg: Message) -> Message | None:
+    """A direct get's answer: the message, None for 404, JetStreamError for another status."""
+    status = msg.status
+    if status == "404":
+        return None
+    if status is not None and status != "200":
+        raise JetStreamError(int(status), 0, msg.header("Description", "") or "direct get failed")
+    return msg
 
 
 def _no_stream(subject: str) -> NoResponders:
