@@ -50,6 +50,7 @@ class Delivery:
         "group",
         "last_progress",
         "msg",
+        "position",
         "route",
         "running",
         "scope",
@@ -65,8 +66,11 @@ class Delivery:
         send: Callable[[str, bytes], None],
         on_release: Callable[[Delivery], None],
         now: float,
+        position: tuple[int, int] | None = None,
     ) -> None:
         self.msg = msg
+        # (delivery count, stream sequence), read from the ack subject where it arrived.
+        self.position = position or ack_position(msg.reply)
         self.route = route
         self.group = group
         self.last_progress = now
@@ -135,6 +139,5 @@ class Delivery:
         self._holds -= 1
         if self._holds == 0:
             if not self.settled:
-                position = ack_position(self.msg.reply)
-                self.nak(unsettled_delay(position[0] if position else 1))
+                self.nak(unsettled_delay(self.position[0] if self.position else 1))
             self._on_release(self)

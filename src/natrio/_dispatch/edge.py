@@ -114,13 +114,22 @@ def check_headers(headers: Mapping[str, str]) -> None:
             raise MalformedTask(f"header {name!r} has a line break in its value")
 
 
-def read_task(msg: Message, *, task_type: str, group: str, inbox_prefix: str) -> Task:
+def read_task(
+    msg: Message,
+    *,
+    task_type: str,
+    group: str,
+    inbox_prefix: str,
+    position: tuple[int, int] | None = None,
+) -> Task:
     """The task in ``msg``, delivered by the consumer of ``task_type`` in ``group``.
 
     Raises MalformedTask naming the first rule the message breaks. ``reply`` is set only
-    for a ``Natrio-Reply`` under ``inbox_prefix``.
+    for a ``Natrio-Reply`` under ``inbox_prefix``. ``position`` is the message's
+    :func:`ack_position` when the caller has read it already.
     """
-    position = ack_position(msg.reply)
+    if position is None:
+        position = ack_position(msg.reply)
     if position is None:
         raise MalformedTask(f"not a JetStream ack subject: {msg.reply[:100]!r}")
     delivered, seq = position

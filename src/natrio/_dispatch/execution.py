@@ -19,10 +19,8 @@ from .._model import Task
 from .._retry import RetryPolicy
 from ..middleware import Invocation, Middleware, Next
 from .delivery import Delivery
-from .edge import ack_position, read_task
+from .edge import read_task
 from .recording import Recorder, natrio_error
-
-log = logging.getLogger("natrio.dispatcher")
 
 #: A handler as the dispatcher calls it: the context in, the output (or None) out.
 Handler = Callable[[TaskContext], Awaitable[Any]]
@@ -95,14 +93,13 @@ class Executor:
         route: Route = delivery.route
         try:
             task = read_task(
-                msg, task_type=route.task_type, group=delivery.group, inbox_prefix=self.inbox_prefix
+                msg,
+                task_type=route.task_type,
+                group=delivery.group,
+                inbox_prefix=self.inbox_prefix,
+                position=delivery.position,
             )
         except MalformedTask as exc:
-            if ack_position(msg.reply) is None:
-                # Nothing to settle it with; the server never sends such a message.
-                log.error("dropping a message without an ack subject on %r", msg.subject[:200])
-                delivery.settled = True
-                return
             self.logger.warning("dead-lettering malformed task on %r: %s", msg.subject[:200], exc)
             self.malformed += 1
             await self.recorder.malformed(delivery, str(exc), self.inbox_prefix)

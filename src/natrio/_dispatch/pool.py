@@ -104,14 +104,21 @@ class Dispatcher:
             consumer.release()
 
         def accept(msg: Message) -> None:
-            if ack_position(msg.reply) is None:
+            position = ack_position(msg.reply)
+            if position is None:
                 # Not a JetStream delivery (a publish to the pull inbox): nothing to settle,
                 # and nothing natrio may publish to.
                 log.error("dropping a message without an ack subject on %r", msg.subject[:200])
                 consumer.release()
                 return
             delivery = Delivery(
-                msg, route, group, send=send, on_release=release, now=trio.current_time()
+                msg,
+                route,
+                group,
+                send=send,
+                on_release=release,
+                now=trio.current_time(),
+                position=position,
             )
             if self.stopping:
                 delivery.nak()  # at once: another worker takes it

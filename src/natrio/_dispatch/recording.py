@@ -21,7 +21,7 @@ from .._model import Task, TaskError
 from .._outcomes import Reporter
 from .._state import StepState
 from .._transport import Headers
-from .edge import ack_position, check_reply, read_task, reply_target, valid_id
+from .edge import check_reply, read_task, reply_target, valid_id
 from .policy import Dead, decide, finite_delay
 
 if TYPE_CHECKING:
@@ -361,6 +361,7 @@ class Recorder:
                         task_type=delivery.route.task_type,
                         group=delivery.group,
                         inbox_prefix=inbox_prefix,
+                        position=delivery.position,
                     )
                 await self.state.record_return(task.run_id, task.step_id, task.seq)
             except Exception as exc:
@@ -370,7 +371,7 @@ class Recorder:
     async def malformed(self, delivery: Delivery, reason: str, inbox_prefix: str) -> None:
         """Dead-letter a message that is not a valid task, terminate it, tell its client."""
         msg = delivery.msg
-        attempts, seq = ack_position(msg.reply) or (1, 0)
+        attempts, seq = delivery.position or (1, 0)
         parts = msg.subject.split(".") if msg.subject.isascii() else []
         ids = None
         if len(parts) == 6 and valid_id(parts[4]) and valid_id(parts[5]):
