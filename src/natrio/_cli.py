@@ -721,6 +721,20 @@ def _scenario_names(
     return tuple(name for name in SCENARIOS if name in names) if names else SCENARIOS
 
 
+def _contestant_names(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> frozenset[str] | None:
+    from ._bench.scenarios import DRAIN_KEYS
+
+    names = {part.strip() for item in value for part in item.split(",") if part.strip()}
+    unknown = sorted(names - set(DRAIN_KEYS))
+    if unknown:
+        raise click.BadParameter(
+            f"unknown contestant {', '.join(unknown)} (choose from {', '.join(DRAIN_KEYS)})"
+        )
+    return frozenset(names) or None
+
+
 def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], F]:
     return click.option(
         name,
@@ -732,6 +746,15 @@ def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], 
 
 @cli.command()
 @click.option("--quick", is_flag=True, help="Small sizes: a run of well under a minute.")
+@click.option(
+    "--contestant",
+    "contestants",
+    multiple=True,
+    callback=_contestant_names,
+    metavar="KEY[,KEY...]",
+    help="Only these drain contestants: A, B, B-same, natrio, faststream, faststream-workers, "
+    "taskiq; repeat or comma-separate. Default: all that are installed.",
+)
 @click.option(
     "--scenario",
     "scenarios",
@@ -782,6 +805,7 @@ def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], 
 )
 def bench(
     quick: bool,
+    contestants: frozenset[str] | None,
     scenarios: tuple[str, ...],
     rounds: int,
     drain_tasks: int | None,
@@ -823,7 +847,11 @@ def bench(
     customised = any(value is not None for value in overrides.values()) or sleep != base.sleep
     mode = ("quick" if quick else "full") + (", custom sizes" if customised else "")
     config = bench_scenarios.BenchConfig(
-        scenarios=scenarios, sizes=sizes, rounds=rounds, store_dir=store_dir
+        scenarios=scenarios,
+        sizes=sizes,
+        rounds=rounds,
+        store_dir=store_dir,
+        contestants=contestants,
     )
     command = " ".join([os.path.basename(sys.argv[0]) or "natrio", *sys.argv[1:]])
     doc = _run(_bench, config, mode, command)
@@ -885,13 +913,29 @@ def _report_bench(doc: dict[str, Any], directory: Path) -> None:
     console.print(report.table(doc))
     ratios = doc["ratios"]
     shown = []
-    if "drain_natrio_vs_a" in ratios:
-        shown.append(
-            f"drain natrio/A {ratios['drain_natrio_vs_a']:.2f}x, "
-            f"natrio/B {ratios['drain_natrio_vs_b']:.2f}x"
+    drain = [
+        f"natrio/{name[len('drain_natrio_vs_'):]} {value:.2f}x"
+        for name, value in ratios.items()
+        if name.startswith("drain_natrio_vs_")
+    ]
+    if drain:
+        shown.append("drain " + ", ".join(drain))
+    roundtrip = [
+        f"natrio/{name[len('roundtrip_p50_natrio_vs_'):]} {value:.2f}x"
+        for name, value in ratios.items()
+        if name.startswith("roundtrip_p50_natrio_vs_")
+    ]
+    if roundtrip:
+        shown.append("round-trip p50 " + ", ".join(roundtrip))
+    skipped = doc.get("skipped") or []
+    if skipped:
+        console.print(
+            Text(
+                f"skipped (not installed): {', '.join(skipped)}; "
+                "pip install 'natrio[bench]' adds them",
+                style="yellow",
+            )
         )
-    if "roundtrip_p50_natrio_vs_floor" in ratios:
-        shown.append(f"round-trip p50 natrio/floor {ratios['roundtrip_p50_natrio_vs_floor']:.2f}x")
     if shown:
         console.print(Text("ratios: " + "; ".join(shown)))
     missed = [target for target in doc["targets"] if not target["passed"]]

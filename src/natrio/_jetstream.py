@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -82,10 +83,12 @@ class JetStream:
         *,
         headers: Mapping[str, str] | None = None,
         on_ack: Callable[[dict[str, Any] | None, NatrioError | None], None],
+        subject_checked: bool = False,
     ) -> None:
         """Publish into a stream without waiting: ``on_ack(puback, error)`` is called once,
         synchronously, with the stream's acknowledgement or with what went wrong
-        (RequestTimeout, NoResponders, ConnectionClosed, JetStreamError)."""
+        (RequestTimeout, NoResponders, ConnectionClosed, JetStreamError).
+        ``subject_checked``: the caller built ``subject`` from checked parts only."""
 
         def on_reply(msg: Message | None, error: BaseException | None) -> None:
             if msg is not None and msg.status == "503":
@@ -102,7 +105,12 @@ class JetStream:
             on_ack(None, error if isinstance(error, NatrioError) else NatrioError(repr(error)))
 
         self.conn.request_nowait(
-            subject, payload, headers=headers, timeout=self.timeout, on_reply=on_reply
+            subject,
+            payload,
+            headers=headers,
+            timeout=self.timeout,
+            on_reply=on_reply,
+            subject_checked=subject_checked,
         )
 
     async def ensure_stream(self, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -491,8 +499,17 @@ def _no_stream(subject: str) -> NoResponders:
     )
 
 
+# A plain PubAck as nats-server writes one (a stream name has no quotes or backslashes),
+# read without the JSON decoder: there is one per stored event. Anything else is JSON.
+_PUB_ACK = re.compile(rb'\{"stream":"([^"\\]+)","seq":(\d{1,20})\}')
+
+
 def _reply(msg: Message) -> dict[str, Any]:
     """The JSON of a JetStream API reply; JetStreamError when it is an error reply."""
+    plain = _PUB_ACK.fullmatch(msg.data)
+    if plain is not None:
+        stream, seq = plain.groups()
+        return {"stream": stream.decode(), "seq": int(seq)}
     reply: dict[str, Any] = json.loads(msg.data)
     error = reply.get("error")
     if error:

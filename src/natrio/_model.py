@@ -43,7 +43,8 @@ class Task:
     stream; ``deadline`` is a Unix time or None; ``retry`` is the policy sent with the
     task, if any; ``reply`` the subject a waiting client listens on, if any (only inbox
     subjects: see docs/guarantees.md); ``iteration`` counts agent-loop iterations from 1;
-    ``resumed`` is true on the first delivery after a pause.
+    ``resumed`` is true on the first delivery after a pause; ``started_at`` is the Unix time
+    this execution began (None for a task handed back without running).
     """
 
     task_type: str
@@ -60,6 +61,7 @@ class Task:
     iteration: int = 1
     resumed: bool = False
     delivered: int = 0
+    started_at: float | None = None
 
     @property
     def retry_count(self) -> int:

@@ -82,15 +82,24 @@ class Reporter:
     # -- events -----------------------------------------------------------------------
 
     def _headers(self, task: Task, **extra: str) -> dict[str, str]:
-        return {
+        headers = {
             wire.H_TASK_SEQ: str(task.seq),
             wire.H_ATTEMPT: str(task.attempt),
             wire.H_WORKER: self.worker_id,
             **extra,
         }
+        if task.started_at is not None:
+            # Every event of an execution says when it began, so its history needs no
+            # started event for the many tasks that end before one is sent.
+            headers[wire.H_STARTED] = f"{task.started_at:.6f}"
+        return headers
 
     def started(self, task: Task) -> None:
-        """Publish a ``started`` event (not awaited: it carries no promise)."""
+        """Publish a ``started`` event (not awaited: it carries no promise).
+
+        The dispatcher sends it for executions still running after the worker's
+        ``started_event_after``.
+        """
         self.conn.publish_nowait(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.STARTED),
             b"",
@@ -120,18 +129,20 @@ class Reporter:
                 delay = min(delay * 2, 1.0)
 
     def _completion_headers(self, task: Task) -> Headers:
-        # Encoded once: the reply to a waiting client carries the same headers.
-        return Headers.of_own(
-            self._headers(
-                task,
-                **{
-                    wire.H_MSG_ID: wire.outcome_msg_id(
-                        "c", task.task_type, task.run_id, task.step_id, task.seq
-                    ),
-                    wire.H_OUTCOME: wire.COMPLETED,
-                },
-            )
-        )
+        # Encoded once: the reply to a waiting client carries the same headers. Written
+        # out rather than through _headers(): it runs once per task.
+        items = {
+            wire.H_TASK_SEQ: str(task.seq),
+            wire.H_ATTEMPT: str(task.attempt),
+            wire.H_WORKER: self.worker_id,
+            wire.H_MSG_ID: wire.outcome_msg_id(
+                "c", task.task_type, task.run_id, task.step_id, task.seq
+            ),
+            wire.H_OUTCOME: wire.COMPLETED,
+        }
+        if task.started_at is not None:
+            items[wire.H_STARTED] = f"{task.started_at:.6f}"
+        return Headers.of_own(items)
 
     async def completed(self, task: Task, output: bytes) -> Headers:
         """Record the completion durably; returns the headers to :meth:`announce` it with."""
@@ -158,6 +169,8 @@ class Reporter:
             output,
             headers=headers,
             on_ack=lambda _ack, error: on_stored(headers, error),
+            # A registered task type and ids the wire edge checked.
+            subject_checked=True,
         )
 
     def announce(self, task: Task, payload: bytes, headers: Mapping[str, str]) -> None:

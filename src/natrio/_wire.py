@@ -49,6 +49,8 @@ H_TASK_SEQ: Final = "Natrio-Task-Seq"
 H_ATTEMPT: Final = "Natrio-Attempt"
 H_WORKER: Final = "Natrio-Worker"
 H_ITERATION: Final = "Natrio-Iteration"
+#: The Unix time the execution an event belongs to began.
+H_STARTED: Final = "Natrio-Started"
 
 # Event kinds, the last token of an event subject.
 STARTED: Final = "started"

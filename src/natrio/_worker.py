@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import secrets
 import signal
@@ -89,6 +90,10 @@ class Worker:
     - ``hooks``: an object with async ``on_step_done(task, output)`` and
       ``on_step_failed(task, error)``, called once per terminal outcome; each call gets
       ``hook_timeout`` seconds (default 10), after which it counts as failed.
+    - ``started_event_after``: seconds a handler runs before the worker publishes its
+      ``started`` event (default 1; 0: as every handler starts; None: never). Every event
+      of an execution carries the time it began (``Natrio-Started``), so a task that ends
+      sooner needs no started event in its history.
 
     Invalid options raise ConfigurationError here, invalid registrations in
     :meth:`handle`.
@@ -109,6 +114,7 @@ class Worker:
         middleware: Iterable[Middleware] = (),
         hooks: StepHooks | None = None,
         hook_timeout: float = 10.0,
+        started_event_after: float | None = 1.0,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -155,6 +161,16 @@ class Worker:
         self.hooks = hooks
         _positive("hook_timeout")(None, None, hook_timeout)
         self.hook_timeout = float(hook_timeout)
+        if started_event_after is not None and (
+            isinstance(started_event_after, bool)
+            or not isinstance(started_event_after, int | float)
+            or not 0 <= started_event_after < math.inf
+        ):
+            raise ConfigurationError(
+                f"started_event_after must be None or a finite number >= 0, "
+                f"got {started_event_after!r}"
+            )
+        self.started_event_after = started_event_after
         self._routes: dict[str, Route] = {}
         self._token = secrets.token_hex(6)
         self._hostname = socket.gethostname()
@@ -400,6 +416,7 @@ class Worker:
             middleware=self._middleware,
             hooks=self.hooks,
             hook_timeout=self.hook_timeout,
+            started_event_after=self.started_event_after,
         )
         self._dispatcher = dispatcher
         js = JetStream(self.nc)

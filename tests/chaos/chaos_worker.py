@@ -47,6 +47,8 @@ async def main(args: argparse.Namespace) -> None:
                 backoff_coefficient=1.0,
                 maximum_attempts=args.max_attempts,
             ),
+            # Every execution announced: the scenarios' ledgers count starts per run.
+            started_event_after=0,
         )
 
         @worker.handle("work")

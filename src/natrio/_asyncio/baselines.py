@@ -28,8 +28,18 @@ import nats
 import nats.errors
 
 from .. import _wire as wire
-from .._bench.workload import CONSUMER, FILTER, Job, JobDone, completion, emit, rss_bytes
+from .._bench.workload import (
+    CONSUMER,
+    FILTER,
+    Job,
+    JobDone,
+    Meter,
+    completion,
+    emit,
+    rss_bytes,
+)
 from .._codec import decode, encode
+from . import plain
 
 _NS = 1_000_000_000
 
@@ -46,7 +56,7 @@ async def drain_a(url: str, count: int, batch: int) -> dict[str, Any]:
     worker = f"baseline-a-{os.getpid()}"
     psub = await js.pull_subscribe(FILTER, durable=CONSUMER, stream=wire.TASK_STREAM)
     done = 0
-    started = time.perf_counter()
+    meter = Meter()
     while done < count:
         try:
             msgs = await psub.fetch(batch, timeout=5)
@@ -59,78 +69,88 @@ async def drain_a(url: str, count: int, batch: int) -> dict[str, Any]:
             await msg.ack()
             done += 1
     await nc.flush()
-    elapsed = time.perf_counter() - started
+    figures = meter.figures(done)
     await nc.close()
-    return {"tasks": done, "seconds": elapsed, "rate": done / elapsed, "batch": batch}
+    return figures | {"batch": batch}
 
 
-async def drain_b(url: str, count: int, window: int) -> dict[str, Any]:
-    """Baseline B: continuous pull, events pipelined with publish_async, acks per batch."""
+async def drain_b(url: str, count: int, window: int, same: bool = False) -> dict[str, Any]:
+    """Baseline B, the leanest loop: continuous pull, batches, events awaited per batch.
+
+    The inbox callback only enqueues; the main task takes what has arrived as one batch,
+    decodes, runs and encodes each task, publishes its completion event with
+    ``publish_async``, pulls again once half the window is free, awaits the batch's PubAcks
+    and acks the batch. With ``same`` (B-same) it also sends what natrio sends per task: a
+    ``started`` event before the handler and a reply after the ack.
+    """
     nc = await nats.connect(url)
     js = nc.jetstream()
     worker = f"baseline-b-{os.getpid()}"
     inbox = nc.new_inbox()
     pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{wire.TASK_STREAM}.{CONSUMER}"
     options = {"expires": 30 * _NS, "idle_heartbeat": 5 * _NS}
-    state = {"requested": 0, "held": 0, "done": 0}
-    pending: list[tuple[asyncio.Future[Any], str]] = []
-    ready = asyncio.Event()
-    finished = asyncio.Event()
+    arrived: list[Any] = []
+    wake = asyncio.Event()
+    requested = held = done = 0
+
+    async def on_message(msg: Any) -> None:
+        arrived.append(msg)
+        wake.set()
 
     async def pull() -> None:
-        free = window - state["held"] - state["requested"]
-        if free >= window // 2 or (free > 0 and state["requested"] == 0):
-            state["requested"] += free
+        nonlocal requested
+        free = window - held - requested
+        if free >= window // 2 or (free > 0 and requested == 0):
+            requested += free
             body = json.dumps(dict(options, batch=free)).encode()
             await nc.publish(pull_subject, body, reply=inbox)
 
-    async def on_message(msg: Any) -> None:
-        headers = msg.headers
-        if headers and "Status" in headers:
-            status = headers["Status"]
-            if status in ("404", "408", "409"):
-                left = headers.get("Nats-Pending-Messages")
-                state["requested"] = max(0, state["requested"] - int(left)) if left else 0
-                await pull()
-            return
-        state["requested"] -= 1
-        state["held"] += 1
-        output = await noop(decode(msg.data, Job))
-        subject, event_headers = completion(msg.reply, msg.subject, worker)
-        future = await js.publish_async(subject, encode(output), headers=event_headers)
-        pending.append((future, msg.reply))
-        ready.set()
-
-    async def acknowledge() -> None:
-        while state["done"] < count:
-            await ready.wait()
-            ready.clear()
-            batch = pending[:]
-            pending.clear()
-            await asyncio.gather(*(future for future, _ in batch))
-            for _, reply in batch:
-                await nc.publish(reply, b"+ACK")
-            state["held"] -= len(batch)
-            state["done"] += len(batch)
-            await pull()
-        finished.set()
-
     sub = await nc.subscribe(inbox, cb=on_message)
-    started = time.perf_counter()
-    acker = asyncio.create_task(acknowledge())
+    meter = Meter()
     await pull()
-    await finished.wait()
+    while done < count:
+        await wake.wait()
+        wake.clear()
+        batch = arrived[:]
+        arrived.clear()
+        futures = []
+        acks = []
+        for msg in batch:
+            headers = msg.headers
+            if headers and "Status" in headers:
+                if headers["Status"] in ("404", "408", "409"):
+                    left = headers.get("Nats-Pending-Messages")
+                    requested = max(0, requested - int(left)) if left else 0
+                continue
+            requested -= 1
+            subject, event_headers = completion(msg.reply, msg.subject, worker)
+            if same:
+                started_subject = subject.rsplit(".", 1)[0] + "." + wire.STARTED
+                await nc.publish(started_subject, b"", headers=_started_headers(event_headers))
+            output = encode(await noop(decode(msg.data, Job)))
+            futures.append(await js.publish_async(subject, output, headers=event_headers))
+            acks.append((msg.reply, output, event_headers))
+        held += len(acks)
+        await pull()
+        await asyncio.gather(*futures)
+        for reply, output, event_headers in acks:
+            await nc.publish(reply, b"+ACK")
+            if same:
+                await nc.publish(f"{inbox}.reply", output, headers=event_headers)
+        held -= len(acks)
+        done += len(acks)
+        await pull()
     await nc.flush()
-    elapsed = time.perf_counter() - started
-    await acker
+    figures = meter.figures(done)
     await sub.unsubscribe()
     await nc.close()
-    return {
-        "tasks": state["done"],
-        "seconds": elapsed,
-        "rate": state["done"] / elapsed,
-        "window": window,
-    }
+    return figures | {"window": window, "same": same}
+
+
+def _started_headers(completion_headers: dict[str, str]) -> dict[str, str]:
+    # natrio's started event carries the task's sequence, attempt and worker, no msg id.
+    keep = (wire.H_TASK_SEQ, wire.H_ATTEMPT, wire.H_WORKER)
+    return {name: completion_headers[name] for name in keep}
 
 
 async def echo(url: str) -> dict[str, Any]:
@@ -169,7 +189,7 @@ async def request(url: str, count: int, warmup: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Run one baseline and print its figures (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m natrio._asyncio.baselines")
-    parser.add_argument("name", choices=["drain-a", "drain-b", "echo", "request"])
+    parser.add_argument("name", choices=["drain-a", "drain-b", "drain-b-same", "echo", "request"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256)
@@ -177,13 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rss_start = rss_bytes()
     if args.name == "echo":
-        figures = asyncio.run(echo(args.url))
+        figures = plain.run(echo(args.url))
     elif args.name == "drain-a":
-        figures = asyncio.run(drain_a(args.url, args.count, args.batch))
-    elif args.name == "drain-b":
-        figures = asyncio.run(drain_b(args.url, args.count, args.batch))
+        figures = plain.run(drain_a(args.url, args.count, args.batch))
+    elif args.name in ("drain-b", "drain-b-same"):
+        same = args.name == "drain-b-same"
+        figures = plain.run(drain_b(args.url, args.count, args.batch, same))
     else:
-        figures = asyncio.run(request(args.url, args.count, args.warmup))
+        figures = plain.run(request(args.url, args.count, args.warmup))
     emit(figures | {"rss_start": rss_start, "rss_end": rss_bytes()})
 
 

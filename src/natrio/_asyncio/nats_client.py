@@ -59,12 +59,82 @@ def _read_control_lines_as_the_server_writes_them() -> None:
     # is delivered such a task would lose its connection again at every redelivery. These
     # patterns are nats-py's own with the server's separators.
     # Subject, subscription id, optional reply subject; fields end at a space or a tab.
-    fields = rb"[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?"
-    parser.MSG_RE = re.compile(rb"\AMSG" + fields + rb"(\d+)\r\n")
-    parser.HMSG_RE = re.compile(rb"\AHMSG" + fields + rb"(\d+)[ \t]+(\d+)\r\n")
+    parser.MSG_RE = re.compile(rb"\A" + _MSG_LINE.pattern)
+    parser.HMSG_RE = re.compile(rb"\A" + _HMSG_LINE.pattern)
 
 
+# Subject, subscription id, optional reply subject; fields end at a space or a tab.
+_FIELDS = rb"[ \t]+([^ \t\r\n]+)[ \t]+([^ \t\r\n]+)[ \t]+(([^ \t\r\n]+)[ \t]+)?"
+# Matched at a position (no \A): the fast parser reads a buffer without cutting it up.
+_MSG_LINE = re.compile(rb"MSG" + _FIELDS + rb"(\d+)\r\n")
+_HMSG_LINE = re.compile(rb"HMSG" + _FIELDS + rb"(\d+)[ \t]+(\d+)\r\n")
 _read_control_lines_as_the_server_writes_them()
+
+_M, _H = ord("M"), ord("H")
+
+
+class _Parser(parser.Parser):
+    """nats-py's parser with a fast path for messages.
+
+    nats-py matches each line against a pattern per protocol operation and cuts every
+    message off the front of its buffer (a copy of the rest of the buffer each time).
+    This reads MSG and HMSG lines and their payloads at offsets into one snapshot of the
+    buffer, hands them to lanes without a coroutine per message, and leaves anything else
+    (PING, INFO, -ERR, a line cut off by the end of a read) to nats-py's own parse.
+    """
+
+    nc: _Client
+
+    async def parse(self, data: bytes = b"") -> None:
+        buf = self.buf
+        buf.extend(data)
+        chunk = bytes(buf)
+        end = len(chunk)
+        pos = 0
+        nc = self.nc
+        while pos < end:
+            if self.state == parser.AWAITING_MSG_PAYLOAD:
+                needed = self.needed
+                if end - pos < needed + 2:
+                    break
+                split = self.header_needed
+                arg = self.msg_arg
+                if split:
+                    headers: bytes | None = chunk[pos : pos + split]
+                    payload = chunk[pos + split : pos + needed]
+                else:
+                    headers = None
+                    payload = chunk[pos : pos + needed]
+                pos += needed + 2
+                self.header_needed = 0
+                self.state = parser.AWAITING_CONTROL_LINE
+                sid, subject, reply = arg["sid"], arg["subject"], arg["reply"]
+                if not nc.deliver(sid, subject, reply, payload, headers):
+                    del buf[:pos]
+                    chunk, end, pos = bytes(buf), len(buf), 0
+                    await nc._process_msg(sid, subject, reply, payload, headers)
+                continue
+            first = chunk[pos]
+            line = None
+            if first == _M:
+                line = _MSG_LINE.match(chunk, pos)
+                if line is not None:
+                    subject, sid, _, reply, needed = line.groups()
+                    header_size = b"0"
+            elif first == _H:
+                line = _HMSG_LINE.match(chunk, pos)
+                if line is not None:
+                    subject, sid, _, reply, header_size, needed = line.groups()
+            if line is None:
+                break  # not a message, or cut off: nats-py's parse takes it from here
+            self.header_needed = int(header_size)
+            self.msg_arg = {"subject": subject, "sid": int(sid), "reply": reply or b""}
+            self.needed = int(needed)
+            self.state = parser.AWAITING_MSG_PAYLOAD
+            pos = line.end()
+        del buf[:pos]
+        if buf and self.state == parser.AWAITING_CONTROL_LINE:
+            await super().parse()
 
 # A lane: where a subscription's messages go, called synchronously by nats-py's read loop
 # with the subject, reply subject (both bytes), payload and parsed headers.
@@ -86,15 +156,15 @@ class _Client(nats.aio.client.Client):
     def __init__(self) -> None:
         super().__init__()
         self.lanes: dict[int, Lane] = {}
+        self._ps = _Parser(self)
 
-    async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
-    ) -> None:
-        # nats-py passes None for ``headers`` when a message has none.
+    def deliver(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> bool:
+        """Hand a message to its subscription's lane; False when it has none."""
         lane = self.lanes.get(sid)
         if lane is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
-            return
+            return False
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         try:
@@ -102,6 +172,14 @@ class _Client(nats.aio.client.Client):
         except Exception:
             # Whatever a lane does wrong must not end nats-py's read loop.
             log.exception("handling a message on %r failed", subject)
+        return True
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        # nats-py passes None for ``headers`` when a message has none.
+        if not self.deliver(sid, subject, reply, data, headers):
+            await super()._process_msg(sid, subject, reply, data, headers)
 
     async def subscribe_lane(self, subject: str, queue: str, lane: Lane) -> Any:
         # The lane is in place before the SUB can reach the server: subscribe() queues it

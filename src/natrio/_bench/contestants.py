@@ -24,7 +24,7 @@ import trio
 
 import natrio
 
-from .workload import TASK_TYPE, Job, JobDone, emit, rss_bytes, run_id
+from .workload import TASK_TYPE, Job, JobDone, Meter, emit, rss_bytes, run_id
 
 # The contestants watch their worker's counters at this interval: the worker has no
 # "processed N" event, and a 1 ms poll costs it next to nothing.
@@ -47,14 +47,14 @@ async def drain(url: str, count: int, concurrency: int) -> dict[str, Any]:
     async with natrio.connect(url) as nc:
         worker = noop_worker(nc, concurrency)
         async with trio.open_nursery() as nursery:
-            started = time.perf_counter()
+            meter = Meter()
             await nursery.start(worker.run)
             while worker.statistics().dispatcher.processed < count:  # noqa: ASYNC110
                 await trio.sleep(_POLL)
             await nc.flush()
-            elapsed = time.perf_counter() - started
+            figures = meter.figures(count)
             worker.stop()
-    return {"tasks": count, "seconds": elapsed, "rate": count / elapsed, "concurrency": concurrency}
+    return figures | {"concurrency": concurrency}
 
 
 async def _stop_at_end_of_stdin(worker: natrio.Worker) -> None:

@@ -181,6 +181,193 @@ def _paired_ratio(ours: list[float], theirs: list[float]) -> float:
     return statistics.median(_ratio(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
+#: Drain targets: (target id, contestant key, the least natrio/contestant rate, shown as).
+_DRAIN_TARGETS = (
+    ("drain_vs_a", "A", 3.0, "≥ 3x A"),
+    ("drain_vs_b", "B", 1.0, "≥ 1x B"),
+    ("drain_vs_b_same", "B-same", 1.5, "≥ 1.5x B-same"),
+    ("drain_vs_faststream", "faststream*", 4.0, "≥ 4x FastStream"),
+    ("drain_vs_taskiq", "taskiq", 4.0, "≥ 4x taskiq"),
+)
+
+
+def _per_task(run: dict[str, Any], key: str, scale: float = 1.0) -> float:
+    value = run.get(key)
+    return value / run["tasks"] * scale if value is not None and run.get("tasks") else math.nan
+
+
+def _median(values: Sequence[float]) -> float:
+    kept = [value for value in values if not math.isnan(value)]
+    return statistics.median(kept) if kept else math.nan
+
+
+def _drain_summary(
+    drain: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, float], list[_Target], list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {k: v for k, v in drain["runs"].items() if v}
+    names: dict[str, str] = drain.get("names") or {key: key for key in runs}
+    rates = {key: [run["rate"] for run in runs[key]] for key in runs}
+    per_key: dict[str, dict[str, float]] = {}
+    for key, key_runs in runs.items():
+        per_key[key] = {
+            "rate": statistics.median(rates[key]),
+            "cpu_us_per_task": _median([_per_task(r, "cpu_seconds", 1e6) for r in key_runs]),
+            "server_cpu_us_per_task": _median(
+                [_per_task(r, "server_cpu_seconds", 1e6) for r in key_runs]
+            ),
+            "server_msgs_per_task": _median(
+                [
+                    _per_task(r, "server_msgs_in") + _per_task(r, "server_msgs_out")
+                    for r in key_runs
+                ]
+            ),
+            "rss_peak_bytes": max(float(r.get("rss_peak", math.nan)) for r in key_runs),
+        }
+    figures = {
+        "tasks": drain["tasks"],
+        "median_rate": {key: value["rate"] for key, value in per_key.items()},
+        "rates": rates,
+        "contestants": per_key,
+        "skipped": drain.get("skipped", []),
+    }
+    ratios: dict[str, float] = {}
+    targets: list[_Target] = []
+    rows: list[dict[str, Any]] = []
+    if "natrio" not in runs:
+        for key, value in per_key.items():
+            rows.append(_row("drain", names.get(key, key), "tasks/s", f"{value['rate']:,.0f}"))
+        return figures, ratios, targets, rows
+    ours = rates["natrio"]
+    found: dict[str, tuple[_Target, str]] = {}
+    for target_id, key, limit, shown in _DRAIN_TARGETS:
+        if key.endswith("*"):
+            # The best of a peer's variants, round by round.
+            variants = [k for k in runs if k.startswith(key[:-1])]
+            if not variants:
+                continue
+            theirs = [max(rates[k][i] for k in variants) for i in range(len(ours))]
+            label = "FastStream (best variant)"
+        elif key in runs:
+            theirs = rates[key]
+            label = names.get(key, key)
+        else:
+            continue
+        ratio = _paired_ratio(ours, theirs)
+        ratios[f"drain_natrio_vs_{key.rstrip('*').replace('-', '_').lower()}"] = ratio
+        target = _Target(target_id, "drain", f"tasks/s ÷ {label}", ratio, ">=", limit, shown)
+        targets.append(target)
+        found[target_id] = (target, label)
+    if "B" in per_key:
+        cpu_ratio = _ratio(per_key["natrio"]["cpu_us_per_task"], per_key["B"]["cpu_us_per_task"])
+        ratios["drain_cpu_natrio_vs_b"] = cpu_ratio
+        cpu = _Target(
+            "drain_cpu_vs_b", "drain", "CPU per task ÷ B", cpu_ratio, "<=", 1.0, "≤ B's"
+        )
+        targets.append(cpu)
+        found["drain_cpu_vs_b"] = (cpu, "B")
+    for key, value in per_key.items():
+        name = names.get(key, key)
+        rows.append(
+            _row(
+                "drain",
+                name,
+                "tasks/s · CPU µs/task · server CPU µs/task · msgs/task · peak RSS",
+                f"{value['rate']:,.0f} · {value['cpu_us_per_task']:.0f} · "
+                f"{value['server_cpu_us_per_task']:.0f} · {value['server_msgs_per_task']:.1f} · "
+                f"{value['rss_peak_bytes'] / _MB:.0f} MB",
+            )
+        )
+    natrio_rate = f"{per_key['natrio']['rate']:,.0f}"
+    for target, label in found.values():
+        if target.id == "drain_cpu_vs_b":
+            value = f"{per_key['natrio']['cpu_us_per_task']:.0f} µs"
+            rows.append(_row("drain", "natrio", "CPU per task", value, f"{target.value:.2f}x B", target))
+        else:
+            rows.append(
+                _row("drain", "natrio", "tasks/s", natrio_rate, f"{target.value:.2f}x {label}", target)
+            )
+    return figures, ratios, targets, rows
+
+
+#: Round-trip targets: (id, contestant, percentile, the most natrio's may be of theirs).
+_ROUNDTRIP_TARGETS = (
+    ("roundtrip_p50_vs_faststream", "faststream", "p50", 0.6, "≤ 0.6x FastStream"),
+    ("roundtrip_p50_vs_taskiq", "taskiq", "p50", 0.5, "≤ 0.5x taskiq"),
+    ("roundtrip_p99_vs_faststream", "faststream", "p99", 1.0, "≤ FastStream's"),
+)
+
+
+def _roundtrip_summary(
+    roundtrip: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, float], list[_Target], list[dict[str, Any]]]:
+    runs = {key: value for key, value in roundtrip["runs"].items() if value}
+    names: dict[str, str] = roundtrip.get("names") or {}
+    latency: dict[str, dict[str, float]] = {}
+    for key, key_runs in runs.items():
+        per_round = [run["latencies"] for run in key_runs]
+        summary = {
+            _label(q): statistics.median(percentile(values, q) for values in per_round)
+            for q in PERCENTILES
+        }
+        summary["mean"] = statistics.median(statistics.fmean(v) for v in per_round if v)
+        summary["max"] = statistics.median(max(v) for v in per_round if v)
+        latency[key] = summary
+    figures = {
+        "count": roundtrip["count"],
+        "latency_seconds": latency,
+        "skipped": roundtrip.get("skipped", []),
+    }
+    ratios: dict[str, float] = {}
+    targets: list[_Target] = []
+    rows: list[dict[str, Any]] = []
+    floor, ours = latency["floor"], latency["natrio"]
+    for q in ("p50", "p99", "p99.9"):
+        ratios[f"roundtrip_{q}_natrio_vs_floor"] = _ratio(ours[q], floor[q])
+    for key in runs:
+        if key in ("floor", "natrio"):
+            continue
+        for q in ("p50", "p99", "p99.9"):
+            ratios[f"roundtrip_{q}_natrio_vs_{key}"] = _ratio(ours[q], latency[key][q])
+    p50 = _Target("roundtrip_p50", "roundtrip", "p50", ours["p50"] * 1000, "<=", 1.0, "≤ 1 ms")
+    p99 = _Target("roundtrip_p99", "roundtrip", "p99", ours["p99"] * 1000, "<=", 5.0, "≤ 5 ms")
+    p50_ratio = _Target(
+        "roundtrip_p50_vs_floor",
+        "roundtrip",
+        "p50 ÷ floor p50",
+        ratios["roundtrip_p50_natrio_vs_floor"],
+        "<=",
+        5.0,
+        "≤ 5x floor",
+    )
+    targets += [p50, p99, p50_ratio]
+    for key, summary in latency.items():
+        if key == "natrio":
+            continue
+        shown = " · ".join(f"{summary[q] * 1000:.3f}" for q in ("p50", "p99", "p99.9"))
+        name = "floor (request/reply)" if key == "floor" else names.get(key, key)
+        rows.append(_row("roundtrip", name, "p50 · p99 · p99.9", f"{shown} ms"))
+    for q, target in (("p50", p50), ("p50", p50_ratio), ("p99", p99), ("p99.9", None)):
+        ratio = f"{ratios[f'roundtrip_{q}_natrio_vs_floor']:.1f}x floor"
+        rows.append(_row("roundtrip", "natrio", q, f"{ours[q] * 1000:.3f} ms", ratio, target))
+    for target_id, key, q, limit, shown in _ROUNDTRIP_TARGETS:
+        if key not in latency:
+            continue
+        ratio = ratios[f"roundtrip_{q}_natrio_vs_{key}"]
+        target = _Target(target_id, "roundtrip", f"{q} ÷ {names.get(key, key)}'s", ratio, "<=", limit, shown)
+        targets.append(target)
+        rows.append(
+            _row(
+                "roundtrip",
+                "natrio",
+                q,
+                f"{ours[q] * 1000:.3f} ms",
+                f"{ratio:.2f}x {names.get(key, key)}",
+                target,
+            )
+        )
+    return figures, ratios, targets, rows
+
+
 def summarize(raw: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
     """Medians, ratios, targets and table rows from ``run_bench``'s raw figures."""
     figures: dict[str, Any] = {}
@@ -189,61 +376,18 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     if "drain" in raw:
-        runs = raw["drain"]["runs"]
-        rates = {key: [run["rate"] for run in runs[key]] for key in runs}
-        median = {key: statistics.median(values) for key, values in rates.items()}
-        figures["drain"] = {"tasks": raw["drain"]["tasks"], "median_rate": median, "rates": rates}
-        # Each round's contestants ran back to back, so a round's ratio shares its
-        # machine's mood; the median of those ratios drifts far less than a ratio of
-        # medians taken minutes apart (they are the same with one round).
-        ratios["drain_natrio_vs_a"] = _paired_ratio(rates["natrio"], rates["A"])
-        ratios["drain_natrio_vs_b"] = _paired_ratio(rates["natrio"], rates["B"])
-        vs_a = _Target(
-            "drain_vs_a", "drain", "tasks/s ÷ A", ratios["drain_natrio_vs_a"], ">=", 3.0, "≥ 3x A"
-        )
-        vs_b = _Target(
-            "drain_vs_b", "drain", "tasks/s ÷ B", ratios["drain_natrio_vs_b"], ">=", 1.0, "≥ 1x B"
-        )
-        targets += [vs_a, vs_b]
-        rows.append(_row("drain", "baseline A", "tasks/s", f"{median['A']:,.0f}"))
-        rows.append(_row("drain", "baseline B", "tasks/s", f"{median['B']:,.0f}"))
-        natrio_rate = f"{median['natrio']:,.0f}"
-        rows.append(_row("drain", "natrio", "tasks/s", natrio_rate, f"{vs_a.value:.2f}x A", vs_a))
-        rows.append(_row("drain", "natrio", "tasks/s", natrio_rate, f"{vs_b.value:.2f}x B", vs_b))
+        drain_figures, drain_ratios, drain_targets, drain_rows = _drain_summary(raw["drain"])
+        figures["drain"] = drain_figures
+        ratios.update(drain_ratios)
+        targets += drain_targets
+        rows += drain_rows
 
     if "roundtrip" in raw:
-        runs = raw["roundtrip"]["runs"]
-        latency: dict[str, dict[str, float]] = {}
-        for key in ("floor", "natrio"):
-            per_round = [run["latencies"] for run in runs[key]]
-            summary = {
-                _label(q): statistics.median(percentile(values, q) for values in per_round)
-                for q in PERCENTILES
-            }
-            summary["mean"] = statistics.median(statistics.fmean(v) for v in per_round if v)
-            summary["max"] = statistics.median(max(v) for v in per_round if v)
-            latency[key] = summary
-        figures["roundtrip"] = {"count": raw["roundtrip"]["count"], "latency_seconds": latency}
-        floor, ours = latency["floor"], latency["natrio"]
-        for q in ("p50", "p99", "p99.9"):
-            ratios[f"roundtrip_{q}_natrio_vs_floor"] = _ratio(ours[q], floor[q])
-        p50 = _Target("roundtrip_p50", "roundtrip", "p50", ours["p50"] * 1000, "<=", 1.0, "≤ 1 ms")
-        p99 = _Target("roundtrip_p99", "roundtrip", "p99", ours["p99"] * 1000, "<=", 5.0, "≤ 5 ms")
-        p50_ratio = _Target(
-            "roundtrip_p50_vs_floor",
-            "roundtrip",
-            "p50 ÷ floor p50",
-            ratios["roundtrip_p50_natrio_vs_floor"],
-            "<=",
-            5.0,
-            "≤ 5x floor",
-        )
-        targets += [p50, p99, p50_ratio]
-        floor_value = " · ".join(f"{floor[q] * 1000:.3f}" for q in ("p50", "p99", "p99.9"))
-        rows.append(_row("roundtrip", "floor", "p50 · p99 · p99.9", f"{floor_value} ms"))
-        for q, target in (("p50", p50), ("p50", p50_ratio), ("p99", p99), ("p99.9", None)):
-            ratio = f"{ratios[f'roundtrip_{q}_natrio_vs_floor']:.1f}x floor"
-            rows.append(_row("roundtrip", "natrio", q, f"{ours[q] * 1000:.3f} ms", ratio, target))
+        rt_figures, rt_ratios, rt_targets, rt_rows = _roundtrip_summary(raw["roundtrip"])
+        figures["roundtrip"] = rt_figures
+        ratios.update(rt_ratios)
+        targets += rt_targets
+        rows += rt_rows
 
     if "concurrency" in raw:
         runs = raw["concurrency"]["runs"]
@@ -337,11 +481,40 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
         rows.append(_row("longrun", "natrio", "RSS at start · middle · end", f"{rss} MB"))
         rows.append(_row("longrun", "natrio", "tasks/s", f"{run['rate']:,.0f}"))
 
+    if "loss" in raw:
+        loss = raw["loss"]
+        names = loss.get("names") or {}
+        figures["loss"] = {
+            "tasks": loss["tasks"],
+            "seconds": loss["seconds"],
+            "lost": {key: run["lost"] for key, run in loss["runs"].items()},
+            "kept": {key: run["kept"] for key, run in loss["runs"].items()},
+        }
+        for key, run in loss["runs"].items():
+            target = None
+            if key == "natrio":
+                target = _Target(
+                    "loss_natrio", "loss", "tasks lost", run["lost"], "<=", 0, "none lost"
+                )
+                targets.append(target)
+            rows.append(
+                _row(
+                    "loss",
+                    names.get(key, key),
+                    f"lost · kept of {run['published']:,}, events stream deleted",
+                    f"{run['lost']:,} · {run['kept']:,}",
+                    run["ended"],
+                    target,
+                )
+            )
+
+    skipped = {peer for scenario in raw.values() for peer in scenario.get("skipped", [])}
     return {
         "figures": figures,
         "ratios": ratios,
         "targets": [target.as_dict() for target in targets],
         "rows": rows,
+        "skipped": sorted(skipped),
     }
 
 
@@ -489,39 +662,44 @@ def write_plot(doc: dict[str, Any], path: Path) -> bool:
 
 
 def _plot_drain(ax: Any, drain: dict[str, Any], ratios: dict[str, float]) -> None:
-    names = {"A": "baseline A\n(fetch)", "B": "baseline B\n(hand-built pull)", "natrio": "natrio"}
-    keys = list(names)
+    keys = list(drain["median_rate"])
     medians = [drain["median_rate"][key] for key in keys]
-    bars = ax.bar(
-        [names[key] for key in keys], medians, color=["#9e9e9e", "#616161", "#1e88e5"], zorder=2
-    )
+    colors = ["#1e88e5" if key == "natrio" else "#9e9e9e" for key in keys]
+    bars = ax.bar(keys, medians, color=colors, zorder=2)
     for x, key in enumerate(keys):
         ax.scatter(
             [x] * len(drain["rates"][key]), drain["rates"][key], color="black", s=8, zorder=3
         )
-    ax.bar_label(bars, labels=[f"{value:,.0f}" for value in medians], padding=2)
-    ax.set_title(
-        f"Drain {drain['tasks']:,} tasks: natrio {ratios['drain_natrio_vs_a']:.2f}x A, "
-        f"{ratios['drain_natrio_vs_b']:.2f}x B"
+    ax.bar_label(bars, labels=[f"{value:,.0f}" for value in medians], padding=2, fontsize=7)
+    shown = ", ".join(
+        f"{value:.2f}x {name[len('drain_natrio_vs_'):]}"
+        for name, value in ratios.items()
+        if name.startswith("drain_natrio_vs_")
     )
+    ax.set_title(f"Drain {drain['tasks']:,} tasks: natrio {shown}", fontsize=8)
     ax.set_ylabel("tasks/s (median over rounds)")
     ax.set_ylim(0, max(rate for key in keys for rate in drain["rates"][key]) * 1.15)
     ax.yaxis.set_major_formatter(lambda value, _: f"{value:,.0f}")
+    ax.tick_params(axis="x", labelsize=7, labelrotation=20)
     ax.grid(axis="y", alpha=0.3, zorder=0)
 
 
 def _plot_roundtrip(ax: Any, roundtrip: dict[str, Any]) -> None:
     latency = roundtrip["latency_seconds"]
     labels = [_label(q) for q in PERCENTILES]
-    width = 0.38
-    for offset, key, color in ((-width / 2, "floor", "#9e9e9e"), (width / 2, "natrio", "#1e88e5")):
+    keys = list(latency)
+    width = 0.8 / len(keys)
+    palette = {"floor": "#9e9e9e", "natrio": "#1e88e5"}
+    others = iter(["#fb8c00", "#8e24aa", "#43a047", "#6d4c41"])
+    for index, key in enumerate(keys):
+        offset = (index - (len(keys) - 1) / 2) * width
         values = [latency[key][label] * 1000 for label in labels]
         bars = ax.bar(
             [i + offset for i in range(len(labels))],
             values,
             width,
             label="floor (request/reply)" if key == "floor" else key,
-            color=color,
+            color=palette.get(key) or next(others),
             zorder=2,
         )
         ax.bar_label(bars, labels=[f"{value:.2f}" for value in values], padding=2, fontsize=7)

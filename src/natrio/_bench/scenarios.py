@@ -17,11 +17,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib
+import importlib.util
 import json
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -51,7 +55,7 @@ __all__ = [
 ]
 
 #: Every scenario, in the order a full run goes through them.
-SCENARIOS = ("drain", "roundtrip", "concurrency", "longrun")
+SCENARIOS = ("drain", "roundtrip", "concurrency", "longrun", "loss")
 
 _BASELINES = "natrio._asyncio.baselines"
 _CONTESTANTS = "natrio._bench.contestants"
@@ -85,6 +89,10 @@ class Sizes:
     window: int = 256
     #: Tasks kept queued while the long run's worker drains them.
     longrun_backlog: int = 100_000
+    #: Tasks each contestant of the loss scenario is given (with no events stream).
+    loss_tasks: int = 2_000
+    #: Seconds each of them runs before it is stopped and the task stream counted.
+    loss_seconds: float = 5.0
 
     @property
     def growth_from_task(self) -> int:
@@ -101,6 +109,8 @@ QUICK = Sizes(
     roundtrip_warmup=50,
     sleepers=200,
     longrun_tasks=20_000,
+    loss_tasks=500,
+    loss_seconds=3.0,
 )
 
 
@@ -116,6 +126,8 @@ class BenchConfig:
     store_dir: str | None = None
     #: A contestant that finishes no task for this long has failed.
     stall_timeout: float = 60.0
+    #: Keys of the drain and loss contestants to run (None: all); see :data:`DRAIN_KEYS`.
+    contestants: frozenset[str] | None = None
 
 
 class Bar(Protocol):
@@ -297,10 +309,19 @@ class Session:
     """One scenario's server and connection, and what every contestant run needs from them."""
 
     def __init__(
-        self, name: str, url: str, nc: natrio.Connection, config: BenchConfig, progress: Progress
+        self,
+        name: str,
+        url: str,
+        nc: natrio.Connection,
+        config: BenchConfig,
+        progress: Progress,
+        server_pid: int | None = None,
+        monitor_url: str | None = None,
     ) -> None:
         self.name = name
         self.url = url
+        self.server_pid = server_pid
+        self.monitor_url = monitor_url
         self.nc = nc
         self.js = JetStream(nc)
         self.config = config
@@ -328,25 +349,29 @@ class Session:
         await self.js.ensure_consumer(wire.TASK_STREAM, workload.consumer_config())
         self._base_seq = (await self._task_stream())["last_seq"]
 
-    async def prefill(self, round_: str, start: int, stop: int) -> None:
-        """Publish tasks ``start`` to ``stop - 1`` of ``round_`` and wait until all are stored."""
+    async def prefill(
+        self,
+        round_: str,
+        start: int,
+        stop: int,
+        message: workload.TaskMessage = workload.task_message,
+    ) -> None:
+        """Publish tasks ``start`` to ``stop - 1`` of ``round_`` and wait until all are stored.
+
+        ``message`` makes each task's subject, payload and headers (a peer whose library
+        has its own message format brings its own).
+        """
         for low in range(start, stop, _CHUNK):
             high = min(stop, low + _CHUNK)
             for n in range(low, high - 1):
-                self.nc.publish_nowait(
-                    workload.task_subject(round_, n),
-                    workload.task_payload(n),
-                    headers=workload.task_headers(round_, n),
-                )
+                subject, payload, headers = message(round_, n)
+                self.nc.publish_nowait(subject, payload, headers=headers)
             await self.nc.flush()
             # A stream stores what it receives in order, so the ack of each chunk's last
             # task says the whole chunk is stored; it also paces the publishing.
             last = high - 1
-            ack = await self.js.publish(
-                workload.task_subject(round_, last),
-                workload.task_payload(last),
-                headers=workload.task_headers(round_, last),
-            )
+            subject, payload, headers = message(round_, last)
+            ack = await self.js.publish(subject, payload, headers=headers)
             if ack.get("duplicate"):
                 raise BenchError(f"task {last} of round {round_} was dropped as a duplicate")
 
@@ -412,15 +437,45 @@ class Session:
                 )
             await trio.sleep(_WATCH_INTERVAL)
 
+    def server_cpu(self) -> float | None:
+        """CPU seconds the scenario's nats-server has used so far (None off Linux)."""
+        return workload.process_cpu_seconds(self.server_pid) if self.server_pid else None
+
+    async def server_messages(self) -> tuple[int, int] | None:
+        """(messages the server received, messages it sent) so far, from its monitoring port."""
+        if self.monitor_url is None:
+            return None
+        url = self.monitor_url + "/varz"
+
+        def read() -> dict[str, Any]:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                varz: dict[str, Any] = json.load(answer)
+                return varz
+
+        varz = await trio.to_thread.run_sync(read)
+        return int(varz["in_msgs"]), int(varz["out_msgs"])
+
     async def run_watched(
         self, label: str, argv: Sequence[str], bar: Bar, total: int
     ) -> dict[str, Any]:
-        """Run a contestant to its end while its progress line follows the task stream."""
+        """Run a contestant to its end while its progress line follows the task stream.
+
+        The figures gain what the server did meanwhile: ``server_cpu_seconds`` and
+        ``server_msgs_in`` / ``server_msgs_out`` (the bench's own requests included, a
+        few per second).
+        """
+        cpu_before, msgs_before = self.server_cpu(), await self.server_messages()
         async with spawn(label, argv) as contestant, trio.open_nursery() as nursery:
             nursery.start_soon(self.watch, label, bar, total)
             figures = await contestant.result()
             nursery.cancel_scope.cancel()
+        cpu_after, msgs_after = self.server_cpu(), await self.server_messages()
         bar.update(total)
+        if cpu_before is not None and cpu_after is not None:
+            figures["server_cpu_seconds"] = cpu_after - cpu_before
+        if msgs_before is not None and msgs_after is not None:
+            figures["server_msgs_in"] = msgs_after[0] - msgs_before[0]
+            figures["server_msgs_out"] = msgs_after[1] - msgs_before[1]
         return figures
 
 
@@ -429,51 +484,170 @@ async def _session(name: str, config: BenchConfig, progress: Progress) -> AsyncI
     with tempfile.TemporaryDirectory(
         prefix=f"natrio-bench-{name}-", dir=config.store_dir, ignore_cleanup_errors=True
     ) as store:
+        monitor = _free_port()
         async with (
-            natrio.embedded_server(store_dir=store) as server,
+            natrio.embedded_server(
+                store_dir=store, args=["--http_port", str(monitor)]
+            ) as server,
             natrio.connect(server.url, name=f"natrio bench {name}") as nc,
         ):
             await natrio.provision(nc, storage="file")
-            yield Session(name, server.url, nc, config, progress)
+            yield Session(
+                name,
+                server.url,
+                nc,
+                config,
+                progress,
+                server.pid,
+                f"http://127.0.0.1:{monitor}",
+            )
+
+
+def _free_port() -> int:
+    # For the server's monitoring port (its client port it picks itself).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 # -- the scenarios ---------------------------------------------------------------------------
 
 
+@attrs.frozen
+class DrainContestant:
+    """One program of the drain: its key in the figures, its name, how to run it."""
+
+    key: str
+    name: str
+    argv: list[str]
+    #: Makes its tasks (a peer library may have a message format of its own).
+    message: workload.TaskMessage = workload.task_message
+
+
+#: The peer libraries and the module of the bridge that runs each.
+PEERS = {"faststream": "natrio._asyncio.faststream_peer", "taskiq": "natrio._asyncio.taskiq_peer"}
+
+
+def peer_available(peer: str) -> bool:
+    """Whether the library of a peer contestant is installed (the ``natrio[bench]`` extra)."""
+    return importlib.util.find_spec(peer) is not None
+
+
+def drain_contestants(sizes: Sizes) -> tuple[list[DrainContestant], list[str]]:
+    """The drain's contestants in the order they run, and the peers skipped (not installed)."""
+    window = sizes.window
+    ours = [
+        DrainContestant("A", "baseline A", _python(_BASELINES, "drain-a", "--batch", window)),
+        DrainContestant("B", "baseline B", _python(_BASELINES, "drain-b", "--batch", window)),
+        DrainContestant(
+            "B-same", "baseline B-same", _python(_BASELINES, "drain-b-same", "--batch", window)
+        ),
+        DrainContestant(
+            "natrio", "natrio", _python(_CONTESTANTS, "drain", "--concurrency", window)
+        ),
+    ]
+    peers: list[DrainContestant] = []
+    skipped: list[str] = []
+    for peer, module in PEERS.items():
+        if not peer_available(peer) or importlib.util.find_spec(module) is None:
+            skipped.append(peer)
+            continue
+        message = importlib.import_module(module).task_message
+        if peer == "faststream":
+            peers.append(DrainContestant("faststream", "FastStream", _python(module, "drain"), message))
+            peers.append(
+                DrainContestant(
+                    "faststream-workers",
+                    f"FastStream (max_workers={window})",
+                    _python(module, "drain", "--max-workers", window),
+                    message,
+                )
+            )
+        else:
+            peers.append(
+                DrainContestant("taskiq", "taskiq", _python(module, "drain"), message)
+            )
+    return ours + peers, skipped
+
+
+#: Every drain contestant's key, in the order they run.
+DRAIN_KEYS = ("A", "B", "B-same", "natrio", "faststream", "faststream-workers", "taskiq")
+
+
+def _chosen(session: Session) -> tuple[list[DrainContestant], list[str]]:
+    contestants, skipped = drain_contestants(session.sizes)
+    wanted = session.config.contestants
+    if wanted is not None:
+        contestants = [c for c in contestants if c.key in wanted]
+    return contestants, skipped
+
+
 async def _drain(session: Session) -> dict[str, Any]:
     sizes, rounds = session.sizes, session.config.rounds
     count, url = sizes.drain_tasks, session.url
-    contestants = {
-        "A": ("baseline A", _python(_BASELINES, "drain-a", "--batch", sizes.window)),
-        "B": ("baseline B", _python(_BASELINES, "drain-b", "--batch", sizes.window)),
-        "natrio": ("natrio", _python(_CONTESTANTS, "drain", "--concurrency", sizes.window)),
-    }
-    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in contestants}
+    contestants, skipped = _chosen(session)
+    runs: dict[str, list[dict[str, Any]]] = {c.key: [] for c in contestants}
     order: list[str] = []
-    # Interleaved (A, B, natrio, A, B, natrio, ...) so a drift of the machine's speed
-    # during the run touches every contestant alike.
+    # Interleaved (A, B, ..., natrio, A, B, ...) so a drift of the machine's speed during
+    # the run touches every contestant alike.
     for round_ in range(rounds):
-        for key, (name, argv) in contestants.items():
-            label = session.label(name, round_, rounds)
+        for contestant in contestants:
+            label = session.label(contestant.name, round_, rounds)
             bar = session.progress.bar(label, count)
             bar.update(0, "prefilling")
             await session.reset()
-            await session.prefill(session.round_id(f"d{round_}{key}"), 0, count)
+            round_id = session.round_id(f"d{round_}{contestant.key}")
+            await session.prefill(round_id, 0, count, contestant.message)
             bar.update(0, "running")
             figures = await session.run_watched(
-                label, [*argv, "--url", url, "--count", str(count)], bar, count
+                label, [*contestant.argv, "--url", url, "--count", str(count)], bar, count
             )
             await session.check_done(label, count)
             bar.finish(f"{figures['rate']:,.0f} tasks/s")
-            runs[key].append(figures)
-            order.append(key)
-    return {"tasks": count, "window": sizes.window, "rounds": rounds, "order": order, "runs": runs}
+            runs[contestant.key].append(figures)
+            order.append(contestant.key)
+    return {
+        "tasks": count,
+        "window": sizes.window,
+        "rounds": rounds,
+        "order": order,
+        "names": {c.key: c.name for c in contestants},
+        "skipped": skipped,
+        "runs": runs,
+    }
+
+
+@attrs.frozen
+class RoundTripContestant:
+    """One task system of the round trip: its worker and its client program."""
+
+    key: str
+    name: str
+    module: str
+
+
+def roundtrip_contestants() -> tuple[list[RoundTripContestant], list[str]]:
+    """The round trip's task systems (natrio first), and the peers skipped."""
+    systems = [RoundTripContestant("natrio", "natrio", _CONTESTANTS)]
+    skipped: list[str] = []
+    for peer, module in PEERS.items():
+        if peer_available(peer) and importlib.util.find_spec(module) is not None:
+            name = "FastStream" if peer == "faststream" else "taskiq"
+            systems.append(RoundTripContestant(peer, name, module))
+        else:
+            skipped.append(peer)
+    return systems, skipped
 
 
 async def _roundtrip(session: Session) -> dict[str, Any]:
     sizes, rounds, url = session.sizes, session.config.rounds, session.url
     count, warmup = sizes.roundtrip_count, sizes.roundtrip_warmup
-    runs: dict[str, list[dict[str, Any]]] = {"floor": [], "natrio": []}
+    systems, skipped = roundtrip_contestants()
+    wanted = session.config.contestants
+    if wanted is not None:
+        systems = [s for s in systems if s.key in wanted or s.key == "natrio"]
+    runs: dict[str, list[dict[str, Any]]] = {"floor": [], **{s.key: [] for s in systems}}
     for round_ in range(rounds):
         label = session.label("floor (nats-py request/reply)", round_, rounds)
         bar = session.progress.bar(label, None)
@@ -490,32 +664,40 @@ async def _roundtrip(session: Session) -> dict[str, Any]:
         runs["floor"].append(figures)
         bar.finish(f"p50 {_median_ms(figures['latencies'])}")
 
-        label = session.label("natrio", round_, rounds)
-        total = warmup + count
-        bar = session.progress.bar(label, total)
-        await session.reset()
-        worker_argv = _python(_CONTESTANTS, "roundtrip-worker", "--url", url)
-        client_argv = _python(
-            _CONTESTANTS,
-            "roundtrip-client",
-            "--url",
-            url,
-            "--count",
-            count,
-            "--warmup",
-            warmup,
-            "--round",
-            session.round_id(f"r{round_}"),
-        )
-        async with spawn(f"{label}: worker", worker_argv) as worker:
-            await worker.wait_ready()
-            bar.update(0, "running")
-            figures = await session.run_watched(f"{label}: client", client_argv, bar, total)
-            worker_figures = await worker.stop()
-        await session.check_done(label, total)
-        runs["natrio"].append(figures | {"worker": worker_figures})
-        bar.finish(f"p50 {_median_ms(figures['latencies'])}")
-    return {"count": count, "warmup": warmup, "rounds": rounds, "runs": runs}
+        for system in systems:
+            label = session.label(system.name, round_, rounds)
+            total = warmup + count
+            bar = session.progress.bar(label, total)
+            await session.reset()
+            worker_argv = _python(system.module, "roundtrip-worker", "--url", url)
+            client_argv = _python(
+                system.module,
+                "roundtrip-client",
+                "--url",
+                url,
+                "--count",
+                count,
+                "--warmup",
+                warmup,
+                "--round",
+                session.round_id(f"r{round_}{system.key}"),
+            )
+            async with spawn(f"{label}: worker", worker_argv) as worker:
+                await worker.wait_ready()
+                bar.update(0, "running")
+                figures = await session.run_watched(f"{label}: client", client_argv, bar, total)
+                worker_figures = await worker.stop()
+            await session.check_done(label, total)
+            runs[system.key].append(figures | {"worker": worker_figures})
+            bar.finish(f"p50 {_median_ms(figures['latencies'])}")
+    return {
+        "count": count,
+        "warmup": warmup,
+        "rounds": rounds,
+        "names": {"floor": "floor", **{s.key: s.name for s in systems}},
+        "skipped": skipped,
+        "runs": runs,
+    }
 
 
 def _median_ms(latencies: list[float]) -> str:
@@ -615,11 +797,61 @@ async def _longrun(session: Session) -> dict[str, Any]:
     }
 
 
+async def _loss(session: Session) -> dict[str, Any]:
+    """Each drain contestant against a server without the events stream, for a while.
+
+    No completion event can be stored, so a task a contestant acknowledged (or
+    terminated) is lost: it is gone from the work queue with no outcome anywhere. A task
+    still in the task stream when the contestant is stopped is kept.
+    """
+    sizes = session.sizes
+    count, seconds, url = sizes.loss_tasks, sizes.loss_seconds, session.url
+    contestants, skipped = _chosen(session)
+    runs: dict[str, dict[str, Any]] = {}
+    for contestant in contestants:
+        label = session.label(contestant.name, 0, 1)
+        bar = session.progress.bar(label, count)
+        bar.update(0, "prefilling")
+        await session.reset()
+        await session.js.api(f"STREAM.DELETE.{wire.EVENT_STREAM}")
+        await session.prefill(session.round_id(f"x{contestant.key}"), 0, count, contestant.message)
+        bar.update(0, f"running {seconds:g} s without an events stream")
+        argv = [*contestant.argv, "--url", url, "--count", str(count)]
+        async with spawn(label, argv) as process:
+            with trio.move_on_after(seconds):
+                await process._exited()
+            returncode = process.process.returncode if process.process else None
+            # Leaving the block stops it (SIGTERM, then SIGKILL): what it left unsettled
+            # stays in the stream for redelivery.
+        published, removed = await session.tasks_done()
+        kept = published - removed
+        # Put the events stream back for the next contestant.
+        await natrio.provision(session.nc, storage="file")
+        ended = "still running when stopped" if returncode is None else f"exited {returncode}"
+        runs[contestant.key] = {
+            "tasks": count,
+            "published": published,
+            "kept": kept,
+            "lost": published - kept,
+            "ended": ended,
+        }
+        bar.update(removed)
+        bar.finish(f"{published - kept:,} lost, {kept:,} kept ({ended})")
+    return {
+        "tasks": count,
+        "seconds": seconds,
+        "names": {c.key: c.name for c in contestants},
+        "skipped": skipped,
+        "runs": runs,
+    }
+
+
 _RUNNERS = {
     "drain": _drain,
     "roundtrip": _roundtrip,
     "concurrency": _concurrency,
     "longrun": _longrun,
+    "loss": _loss,
 }
 
 

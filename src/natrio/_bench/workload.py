@@ -8,9 +8,11 @@ the completion event (subject and headers) a worker records for each task.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -64,6 +66,15 @@ def task_headers(round_: str, n: int) -> dict[str, str]:
     }
 
 
+#: Makes the ``n``-th task of a round: (subject, payload, headers).
+TaskMessage = Callable[[str, int], tuple[str, bytes, dict[str, str]]]
+
+
+def task_message(round_: str, n: int) -> tuple[str, bytes, dict[str, str]]:
+    """The ``n``-th task of a round as ``Client.submit`` publishes it (a ``TaskMessage``)."""
+    return task_subject(round_, n), task_payload(n), task_headers(round_, n)
+
+
 def completion(reply: str, subject: str, worker: str) -> tuple[str, dict[str, str]]:
     """The completed event's subject and headers for a delivered task, as natrio writes them.
 
@@ -97,7 +108,53 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds another process has used (Linux ``/proc``; else None)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The command name (2nd field) is in parentheses and may hold spaces.
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are the 14th and 15th fields, the 12th and 13th after the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_peak_bytes() -> int:
+    """The most this process has been resident so far (``ru_maxrss``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class Meter:
+    """Wall and CPU time of a contestant's measured stretch, started when it is made.
+
+    CPU time is the whole process's (every thread, user and system), so a contestant
+    that hands work to threads pays for it too.
+    """
+
+    def __init__(self) -> None:
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+
+    def figures(self, tasks: int) -> dict[str, Any]:
+        """Tasks, seconds, rate and CPU of the stretch so far (call it once, at its end)."""
+        seconds = time.perf_counter() - self._wall
+        cpu = time.process_time() - self._cpu
+        return {
+            "tasks": tasks,
+            "seconds": seconds,
+            "rate": tasks / seconds if seconds > 0 else 0.0,
+            "cpu_seconds": cpu,
+            "cpu_us_per_task": cpu / tasks * 1e6 if tasks else None,
+        }
+
+
 def emit(figures: dict[str, Any]) -> None:
-    """Hand a contestant's figures to the bench: one JSON line on stdout."""
-    sys.stdout.write("NATRIO-BENCH " + json.dumps(figures) + "\n")
+    """Hand a contestant's figures to the bench: one JSON line on stdout.
+
+    Every line carries the process's peak RSS so far (``rss_peak``).
+    """
+    line = json.dumps(figures | {"rss_peak": rss_peak_bytes()})
+    sys.stdout.write("NATRIO-BENCH " + line + "\n")
     sys.stdout.flush()

@@ -121,12 +121,14 @@ def read_task(
     group: str,
     inbox_prefix: str,
     position: tuple[int, int] | None = None,
+    started_at: float | None = None,
 ) -> Task:
     """The task in ``msg``, delivered by the consumer of ``task_type`` in ``group``.
 
     Raises MalformedTask naming the first rule the message breaks. ``reply`` is set only
     for a ``Natrio-Reply`` under ``inbox_prefix``. ``position`` is the message's
-    :func:`ack_position` when the caller has read it already.
+    :func:`ack_position` when the caller has read it already; ``started_at`` becomes the
+    task's (the Unix time its execution begins).
     """
     if position is None:
         position = ack_position(msg.reply)
@@ -185,6 +187,7 @@ def read_task(
         reply=reply,
         iteration=iteration,
         delivered=delivered,
+        started_at=started_at,
     )
 
 

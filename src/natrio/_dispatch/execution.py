@@ -58,8 +58,11 @@ class Executor:
         default_retry: RetryPolicy,
         logger: logging.Logger,
         middleware: Sequence[Middleware] = (),
+        started_event_after: float | None = 0.0,
     ) -> None:
         self.recorder = recorder
+        # Seconds a handler runs before its ``started`` event is published (None: never).
+        self.started_event_after = started_event_after
         self.reporter = recorder.reporter
         self.default_retry = default_retry
         self.logger = logger
@@ -98,6 +101,7 @@ class Executor:
                 group=delivery.group,
                 inbox_prefix=self.inbox_prefix,
                 position=delivery.position,
+                started_at=time.time(),
             )
         except MalformedTask as exc:
             self.logger.warning("dead-lettering malformed task on %r: %s", msg.subject[:200], exc)
@@ -160,7 +164,12 @@ class Executor:
                 ),
             )
             return
-        self.reporter.started(task)
+        if self.started_event_after == 0:
+            self.reporter.started(task)
+            delivery.announced = True
+        else:
+            # The dispatcher announces it if it is still running by then.
+            delivery.started_at = trio.current_time()
         call = self.chain(route)
         if task.deadline is not None:
             scope.deadline = trio.current_time() + (task.deadline - time.time())

@@ -19,6 +19,7 @@ from ..middleware import Middleware
 from .delivery import Delivery
 from .edge import ack_position
 from .execution import Executor, Route
+from .queue import Closed, RunnerQueue
 from .recording import Recorder, StepHooks
 
 log = logging.getLogger("natrio.dispatcher")
@@ -68,6 +69,7 @@ class Dispatcher:
         middleware: Sequence[Middleware] = (),
         hooks: StepHooks | None = None,
         hook_timeout: float = 10.0,
+        started_event_after: float | None = 0.0,
     ) -> None:
         self.reporter = reporter
         self.conn = reporter.conn
@@ -76,15 +78,20 @@ class Dispatcher:
         )
         self.recorder.on_lone_ack = self._on_lone_ack
         self.executor = Executor(
-            self.recorder, default_retry=default_retry, logger=logger, middleware=middleware
+            self.recorder,
+            default_retry=default_retry,
+            logger=logger,
+            middleware=middleware,
+            started_event_after=started_event_after,
         )
+        self.started_event_after = started_event_after
         self.concurrency = concurrency
         self.logger = logger
         self.stopping = False
         self.failure: BaseException | None = None
         self.failed = trio.Event()
         self.internal_errors = 0
-        self._send, self._receive = trio.open_memory_channel[Delivery](math.inf)
+        self._queue: RunnerQueue[Delivery] = RunnerQueue()
         self._held: set[Delivery] = set()
         self._running: set[Delivery] = set()
         self._all_done = trio.Event()
@@ -97,7 +104,8 @@ class Dispatcher:
         """The function the consumer of ``route``'s task type in ``group`` hands messages to."""
         self._tick = min(self._tick, route.ack_wait / 6)
         self.executor.chain(route)
-        send = self.conn.publish_nowait
+        # Ack subjects were checked on arrival (ack_position).
+        send = self.conn.publish_checked_nowait
 
         def release(delivery: Delivery) -> None:
             self._held.discard(delivery)
@@ -125,7 +133,7 @@ class Dispatcher:
                 delivery.let_go()
                 return
             self._held.add(delivery)
-            self._send.send_nowait(delivery)
+            self._queue.put(delivery)
 
         return accept
 
@@ -152,6 +160,8 @@ class Dispatcher:
             for _ in range(self.concurrency):
                 nursery.start_soon(self._guarded, self._runner)
             nursery.start_soon(self._guarded, self._keep_alive)
+            if self.started_event_after:
+                nursery.start_soon(self._guarded, self._announce_started)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -159,7 +169,7 @@ class Dispatcher:
                 # Cancelled without a shutdown: queued tasks go back, and the runners end.
                 self.stopping = True
                 self._keep_alive_scope.cancel()
-                self._send.close()
+                self._queue.close()
 
     async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
         # A loop of the dispatcher's own that fails is a bug, not a task's doing: report it
@@ -180,10 +190,11 @@ class Dispatcher:
         # a handler timeout or a shutdown; the interrupted delivery is then dealt with and
         # a fresh scope takes over.
         #
-        # A waiting task is taken without a trip through the scheduler (receive() always
-        # makes one), so a busy runner works through a burst; it yields every
-        # _BURST tasks so that it never keeps the connection's read loop waiting for long.
-        receive = self._receive
+        # A waiting task is taken without a trip through the scheduler, so a busy runner
+        # works through a burst (the queue has woken another runner for the rest, in case
+        # this one's handler waits); it yields every _BURST tasks so that it never keeps
+        # the connection's read loop waiting for long.
+        queue = self._queue
         burst = 0
         carried: Delivery | None = None
         while True:
@@ -195,24 +206,22 @@ class Dispatcher:
                         try:
                             if burst < _BURST:
                                 burst += 1
-                                delivery = receive.receive_nowait()
+                                next_delivery = queue.take_nowait()
                             else:
                                 burst = 0
-                                delivery = await receive.receive()
-                        except trio.WouldBlock:
-                            burst = 0
-                            if self._in_flight() <= 1:
-                                # Nothing queued and nothing else in flight: what this
-                                # runner published goes out now, not after the rest of the
-                                # scheduler pass (a round trip's latency). Under load the
-                                # pass batches.
-                                self.conn.send_now()
-                            try:
-                                delivery = await receive.receive()
-                            except (trio.EndOfChannel, trio.ClosedResourceError):
-                                return
-                        except (trio.EndOfChannel, trio.ClosedResourceError):
+                                next_delivery = await queue.take()
+                            if next_delivery is None:
+                                burst = 0
+                                if self._in_flight() <= 1:
+                                    # Nothing queued and nothing else in flight: what this
+                                    # runner published goes out now, not after the rest of
+                                    # the scheduler pass (a round trip's latency). Under
+                                    # load the pass batches.
+                                    self.conn.send_now()
+                                next_delivery = await queue.take()
+                        except Closed:
                             return
+                        delivery = next_delivery
                     if scope.cancel_called:
                         # Cancelled for the task before (a deadline that fired as it
                         # finished): this one gets a fresh scope.
@@ -267,6 +276,28 @@ class Dispatcher:
                     if now - delivery.last_progress >= delivery.route.ack_wait / 3:
                         delivery.in_progress(now)
 
+    async def _announce_started(self) -> None:
+        # Started events for handlers that have run for started_event_after seconds: one
+        # loop looks at the running ones a few times per period, instead of a message per
+        # task for the many that end before anyone could use one.
+        after = self.started_event_after
+        assert after
+        tick = min(max(after / 4, 0.05), 1.0)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for delivery in self._running:
+                started = delivery.started_at
+                if (
+                    delivery.running
+                    and not delivery.announced
+                    and started is not None
+                    and now - started >= after
+                    and delivery.ctx is not None
+                ):
+                    delivery.announced = True
+                    self.reporter.started(delivery.ctx.task)
+
     # -- shutdown ---------------------------------------------------------------------
 
     async def shutdown(self, grace: float) -> None:
@@ -278,12 +309,7 @@ class Dispatcher:
         cancelled like any other.
         """
         self.stopping = True
-        queued: list[Delivery] = []
-        while True:
-            try:
-                queued.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
+        queued = self._queue.drain()
 
         async def hand_back(delivery: Delivery) -> None:
             try:
@@ -327,14 +353,14 @@ class Dispatcher:
             delivery.nak()
         self._keep_alive_scope.cancel()
         # Runners wait for the next task inside their shields: closing the queue ends them.
-        self._send.close()
+        self._queue.close()
 
     def statistics(self) -> DispatcherStatistics:
         """Counters: queued, in flight, processed, failed attempts, retried, dead."""
         counts = self.recorder.counts
         return DispatcherStatistics(
             concurrency=self.concurrency,
-            queued=self._receive.statistics().current_buffer_used,
+            queued=len(self._queue),
             in_flight=len(self._running),
             processed=counts.processed,
             failed=counts.failed,

@@ -236,12 +236,19 @@ class Connection:
 
     # -- publishing -------------------------------------------------------------------
 
-    def _check(self, subject: str, payload: bytes, headers: Mapping[str, str] | None) -> bytes:
+    def _check(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: Mapping[str, str] | None,
+        subject_checked: bool = False,
+    ) -> bytes:
         # Validates a publish and returns its encoded header block (b"" for none), so that
         # header names and values are walked once.
         if self._closed:
             raise ConnectionClosed("the connection is closed")
-        check_subject(subject)
+        if not subject_checked:
+            check_subject(subject)
         if isinstance(headers, Headers):
             block = headers.block
         else:
@@ -280,6 +287,11 @@ class Connection:
             if len(subject) + len(reply) > MAX_SUBJECTS_LENGTH:
                 raise ValueError("subject and reply subject are too long together")
         self._enqueue((subject, payload, reply, block, None))
+
+    def publish_checked_nowait(self, subject: str, payload: bytes) -> None:
+        """:meth:`publish_nowait` to a subject the caller has already checked with
+        ``check_subject`` (an ack subject, checked when its message arrived)."""
+        self._enqueue((subject, payload, "", self._check(subject, payload, None, True), None))
 
     async def request(
         self,
@@ -320,14 +332,18 @@ class Connection:
         headers: Mapping[str, str] | None = None,
         timeout: float,
         on_reply: Callable[[Message | None, BaseException | None], None],
+        subject_checked: bool = False,
     ) -> None:
         """Publish with a reply subject; ``on_reply(message, error)`` gets the first reply.
 
         It is called synchronously, exactly once: with the reply, or with RequestTimeout
         after about ``timeout`` seconds, or with ConnectionClosed. It must not block.
         Raises PayloadTooLarge or ConnectionClosed at once when the publish is refused.
+        ``subject_checked``: the caller built ``subject`` from checked parts only.
         """
-        self._send_request(subject, payload, headers, timeout, _CallbackReply(on_reply))
+        self._send_request(
+            subject, payload, headers, timeout, _CallbackReply(on_reply), subject_checked
+        )
 
     def _send_request(
         self,
@@ -336,8 +352,9 @@ class Connection:
         headers: Mapping[str, str] | None,
         timeout: float | None,
         waiter: _Waiter,
+        subject_checked: bool = False,
     ) -> str:
-        block = self._check(subject, payload, headers)
+        block = self._check(subject, payload, headers, subject_checked)
         # "r" marks the replies to natrio's own requests (PubAcks, API answers), which no
         # one may be steered to answer (is_own_inbox); expected replies are plain numbers.
         token = f"r{next(self._tokens)}"
