@@ -873,3 +873,28 @@ def test_a_retry_policy_with_numbers_too_large_for_a_float_is_malformed(field: s
     text = json.dumps({field: 10**400})
     with pytest.raises(MalformedTask, match="Natrio-Retry"):
         read(message(headers={wire.H_RETRY: text}))
+
+
+def _ack_position_the_long_way(reply: str) -> tuple[int, int] | None:
+    # The definition: a subject natrio may publish to, in one of the ack subject layouts.
+    if not reply.startswith("$JS.ACK.") or len(reply) > 512:
+        return None
+    try:
+        check_subject(reply, wildcards=False)
+        delivered, seq = wire.parse_ack_subject(reply)
+    except ValueError:
+        return None
+    return (delivered, seq) if delivered >= 1 and seq >= 1 else None
+
+
+_ACK_TOKENS = st.one_of(
+    st.sampled_from(["0", "1", "7", "42", "", "*", ">", "a*", "S", "C", "x", "-1", "1e3"]),
+    st.text(min_size=0, max_size=6),
+)
+
+
+@given(st.lists(_ACK_TOKENS, min_size=0, max_size=14))
+@settings(max_examples=2000)
+def test_the_ack_pattern_agrees_with_the_subject_rules(tokens: list[str]) -> None:
+    reply = ".".join(["$JS", "ACK", *tokens])
+    assert ack_position(reply) == _ack_position_the_long_way(reply)

@@ -54,3 +54,22 @@ def test_status_lines_and_repeated_names(raw: bytes, parsed: dict[str, str]) -> 
 def testheader_blocks_that_would_break_the_protocol_are_refused(headers: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="header"):
         header_block(headers)
+
+
+@given(
+    seq=st.integers(1, 2**63),
+    attempt=st.integers(1, 10**6),
+    started=st.one_of(st.none(), st.floats(0, 1e11, allow_nan=False)),
+)
+def test_the_completion_block_is_the_general_encoding(
+    seq: int, attempt: int, started: float | None
+) -> None:
+    from natrio._model import Task
+    from natrio._outcomes import Reporter
+
+    reporter = Reporter.__new__(Reporter)
+    reporter.worker_id = "resize/default.0123456789ab@host"
+    task = Task("resize", "default", "run-1", "step_2", b"", {}, attempt, seq, started_at=started)
+    headers = reporter.completion_headers(task)
+    assert headers.block == header_block(dict(headers))
+    assert parse_headers(headers.block) == dict(headers)

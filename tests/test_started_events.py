@@ -1,4 +1,5 @@
-"""Started events go out for handlers that run a while; every event says when its execution began."""
+"""What a running worker costs per task: started events only for handlers that run a while
+(every event says when its execution began), and a frozen heap for the cycle collector."""
 
 from __future__ import annotations
 
@@ -70,3 +71,21 @@ async def test_started_event_after_must_be_a_finite_number(
 ) -> None:
     with pytest.raises(natrio.ConfigurationError, match="started_event_after"):
         natrio_worker_factory(started_event_after=value)
+
+
+async def test_a_starting_worker_freezes_what_exists_unless_told_not_to(
+    natrio_worker_factory: WorkerFactory,
+) -> None:
+    import gc
+
+    for freeze in (False, True):
+        gc.unfreeze()
+        worker = natrio_worker_factory(freeze_gc=freeze)
+
+        @worker.handle("job")
+        async def job(ctx: natrio.TaskContext) -> None:
+            return None
+
+        await natrio_worker_factory.start(worker)
+        assert (gc.get_freeze_count() > 0) is freeze
+    gc.unfreeze()

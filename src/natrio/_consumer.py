@@ -141,6 +141,11 @@ class PullConsumer:
         self._state.held -= count
         self._pull()
 
+    @property
+    def last_activity(self) -> float:
+        """Trio time the consumer last heard from the server (a message or a status)."""
+        return self._last_activity
+
     # -- receiving --------------------------------------------------------------------
 
     def _on_message(self, msg: Message) -> None:

@@ -82,11 +82,11 @@ class JetStream:
         payload: bytes,
         *,
         headers: Mapping[str, str] | None = None,
-        on_ack: Callable[[dict[str, Any] | None, NatrioError | None], None],
+        on_stored: Callable[[NatrioError | None], None],
         subject_checked: bool = False,
     ) -> None:
-        """Publish into a stream without waiting: ``on_ack(puback, error)`` is called once,
-        synchronously, with the stream's acknowledgement or with what went wrong
+        """Publish into a stream without waiting: ``on_stored(error)`` is called once,
+        synchronously, with None once the stream stored it or with what went wrong
         (RequestTimeout, NoResponders, ConnectionClosed, JetStreamError).
         ``subject_checked``: the caller built ``subject`` from checked parts only."""
 
@@ -95,14 +95,17 @@ class JetStream:
                 error = _no_stream(subject)
             if error is None:
                 assert msg is not None
+                if _PUB_ACK.fullmatch(msg.data):
+                    on_stored(None)
+                    return
                 try:
-                    ack = _reply(msg)
+                    _reply(msg)
                 except (JetStreamError, ValueError) as exc:
                     error = exc if isinstance(exc, NatrioError) else JetStreamError(0, 0, str(exc))
                 else:
-                    on_ack(ack, None)
+                    on_stored(None)
                     return
-            on_ack(None, error if isinstance(error, NatrioError) else NatrioError(repr(error)))
+            on_stored(error if isinstance(error, NatrioError) else NatrioError(repr(error)))
 
         self.conn.request_nowait(
             subject,

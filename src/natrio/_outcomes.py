@@ -128,25 +128,33 @@ class Reporter:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def _completion_headers(self, task: Task) -> Headers:
+    def completion_headers(self, task: Task) -> Headers:
         # Encoded once: the reply to a waiting client carries the same headers. Written
-        # out rather than through _headers(): it runs once per task.
+        # out in one format string rather than through _headers(): it runs once per task
+        # (test_outcomes checks it against the general encoding).
+        seq, attempt, worker = str(task.seq), str(task.attempt), self.worker_id
+        msg_id = wire.outcome_msg_id("c", task.task_type, task.run_id, task.step_id, task.seq)
         items = {
-            wire.H_TASK_SEQ: str(task.seq),
-            wire.H_ATTEMPT: str(task.attempt),
-            wire.H_WORKER: self.worker_id,
-            wire.H_MSG_ID: wire.outcome_msg_id(
-                "c", task.task_type, task.run_id, task.step_id, task.seq
-            ),
+            wire.H_TASK_SEQ: seq,
+            wire.H_ATTEMPT: attempt,
+            wire.H_WORKER: worker,
+            wire.H_MSG_ID: msg_id,
             wire.H_OUTCOME: wire.COMPLETED,
         }
+        started = ""
         if task.started_at is not None:
-            items[wire.H_STARTED] = f"{task.started_at:.6f}"
-        return Headers.of_own(items)
+            items[wire.H_STARTED] = value = f"{task.started_at:.6f}"
+            started = f"{wire.H_STARTED}: {value}\r\n"
+        block = (
+            f"NATS/1.0\r\n{wire.H_TASK_SEQ}: {seq}\r\n{wire.H_ATTEMPT}: {attempt}\r\n"
+            f"{wire.H_WORKER}: {worker}\r\n{wire.H_MSG_ID}: {msg_id}\r\n"
+            f"{wire.H_OUTCOME}: {wire.COMPLETED}\r\n{started}\r\n"
+        )
+        return Headers.of_own_block(items, block.encode())
 
     async def completed(self, task: Task, output: bytes) -> Headers:
         """Record the completion durably; returns the headers to :meth:`announce` it with."""
-        headers = self._completion_headers(task)
+        headers = self.completion_headers(task)
         await self._publish_durably(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED),
             output,
@@ -158,17 +166,17 @@ class Reporter:
         self,
         task: Task,
         output: bytes,
-        on_stored: Callable[[Headers, NatrioError | None], None],
+        headers: Headers,
+        on_stored: Callable[[NatrioError | None], None],
     ) -> None:
-        """Publish the completion without waiting: ``on_stored(headers, error)`` is called once
-        the stream has stored it (error None) or could not (then record it with
-        :meth:`completed`, which retries)."""
-        headers = self._completion_headers(task)
+        """Publish the completion (with :meth:`completion_headers`) without waiting:
+        ``on_stored(error)`` is called once the stream has stored it (error None) or could
+        not (then record it with :meth:`completed`, which retries)."""
         self.js.publish_nowait(
             wire.event_subject(task.task_type, task.run_id, task.step_id, wire.COMPLETED),
             output,
             headers=headers,
-            on_ack=lambda _ack, error: on_stored(headers, error),
+            on_stored=on_stored,
             # A registered task type and ids the wire edge checked.
             subject_checked=True,
         )

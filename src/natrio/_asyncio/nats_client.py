@@ -86,9 +86,12 @@ class _Parser(parser.Parser):
     nc: _Client
 
     async def parse(self, data: bytes = b"") -> None:
-        buf = self.buf
-        buf.extend(data)
-        chunk = bytes(buf)
+        if self.buf:
+            self.buf.extend(data)
+            chunk = bytes(self.buf)
+        else:
+            # Most reads end at a message boundary, with nothing left over to join.
+            chunk = bytes(data)
         end = len(chunk)
         pos = 0
         nc = self.nc
@@ -110,9 +113,11 @@ class _Parser(parser.Parser):
                 self.state = parser.AWAITING_CONTROL_LINE
                 sid, subject, reply = arg["sid"], arg["subject"], arg["reply"]
                 if not nc.deliver(sid, subject, reply, payload, headers):
-                    del buf[:pos]
-                    chunk, end, pos = bytes(buf), len(buf), 0
+                    # Not a lane's: nats-py's own subscription machinery, which may wait.
+                    self.buf = bytearray(chunk[pos:])
                     await nc._process_msg(sid, subject, reply, payload, headers)
+                    chunk, pos = bytes(self.buf), 0
+                    end = len(chunk)
                 continue
             first = chunk[pos]
             line = None
@@ -132,9 +137,10 @@ class _Parser(parser.Parser):
             self.needed = int(needed)
             self.state = parser.AWAITING_MSG_PAYLOAD
             pos = line.end()
-        del buf[:pos]
-        if buf and self.state == parser.AWAITING_CONTROL_LINE:
+        self.buf = bytearray(chunk[pos:])
+        if self.buf and self.state == parser.AWAITING_CONTROL_LINE:
             await super().parse()
+
 
 # A lane: where a subscription's messages go, called synchronously by nats-py's read loop
 # with the subject, reply subject (both bytes), payload and parsed headers.

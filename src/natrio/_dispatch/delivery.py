@@ -56,7 +56,6 @@ class Delivery:
         "running",
         "scope",
         "settled",
-        "started_at",
     )
 
     def __init__(
@@ -81,8 +80,7 @@ class Delivery:
         self.cancelled_by_shutdown = False
         # Whether its handler is running now (what a shutdown out of grace cancels).
         self.running = False
-        # When its handler started (Trio time), and whether its started event went out.
-        self.started_at: float | None = None
+        # Whether its started event went out.
         self.announced = False
         self.settled = False
         self._holds = 1

@@ -43,11 +43,27 @@ _TASK_HEADERS: Final = frozenset(
 _LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
 
 
+# A JetStream ack subject (v1: 9 tokens; v2: domain and account hash first, then the v1
+# tokens and maybe more) of tokens check_subject accepts: one pattern reads it and checks
+# it. A ``*`` or ``>`` anywhere takes the long way, which refuses wildcard tokens.
+_TOKEN = r"[!-\-/-~]+"
+_ACK_V1 = re.compile(rf"\$JS\.ACK\.{_TOKEN}\.{_TOKEN}\.([0-9]+)\.([0-9]+)(?:\.{_TOKEN}){{3}}")
+_ACK_V2 = re.compile(
+    rf"\$JS\.ACK(?:\.{_TOKEN}){{4}}\.([0-9]+)\.([0-9]+)(?:\.{_TOKEN}){{3,}}"
+)
+
+
 def ack_position(reply: str) -> tuple[int, int] | None:
     """(delivery count, stream sequence) from a JetStream ack subject, or None if it is not
     one (or not one natrio may publish to)."""
     if not reply.startswith("$JS.ACK.") or len(reply) > 512:
         return None
+    if "*" not in reply and ">" not in reply:
+        plain = _ACK_V1.fullmatch(reply) or _ACK_V2.fullmatch(reply)
+        if plain is None:
+            return None
+        delivered, seq = int(plain[1]), int(plain[2])
+        return (delivered, seq) if delivered >= 1 and seq >= 1 else None
     try:
         check_subject(reply, wildcards=False)
         delivered, seq = wire.parse_ack_subject(reply)

@@ -167,15 +167,16 @@ class Executor:
         if self.started_event_after == 0:
             self.reporter.started(task)
             delivery.announced = True
-        else:
-            # The dispatcher announces it if it is still running by then.
-            delivery.started_at = trio.current_time()
+        # Otherwise the dispatcher announces it if it is still running by then.
         call = self.chain(route)
         if task.deadline is not None:
             scope.deadline = trio.current_time() + (task.deadline - time.time())
         try:
             if route.timeout is None:
-                result = await call(Invocation(task, ctx))
+                if self.middleware:
+                    result = await call(Invocation(task, ctx))
+                else:
+                    result = await route.handler(ctx)  # the chain would only wrap it
             else:
                 with trio.move_on_after(route.timeout) as timer:
                     result = await call(Invocation(task, ctx))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
@@ -125,7 +126,8 @@ class Dispatcher:
                 group,
                 send=send,
                 on_release=release,
-                now=trio.current_time(),
+                # The consumer read the clock as it took the message (one read a task).
+                now=consumer.last_activity,
                 position=position,
             )
             if self.stopping:
@@ -285,18 +287,14 @@ class Dispatcher:
         tick = min(max(after / 4, 0.05), 1.0)
         while True:
             await trio.sleep(tick)
-            now = trio.current_time()
+            now = time.time()
             for delivery in self._running:
-                started = delivery.started_at
-                if (
-                    delivery.running
-                    and not delivery.announced
-                    and started is not None
-                    and now - started >= after
-                    and delivery.ctx is not None
-                ):
-                    delivery.announced = True
-                    self.reporter.started(delivery.ctx.task)
+                ctx = delivery.ctx
+                if delivery.running and not delivery.announced and ctx is not None:
+                    started = ctx.task.started_at
+                    if started is not None and now - started >= after:
+                        delivery.announced = True
+                        self.reporter.started(ctx.task)
 
     # -- shutdown ---------------------------------------------------------------------
 

@@ -206,10 +206,12 @@ class Recorder:
             delivery.hold()
             self.recording += 1
             try:
+                headers = self.reporter.completion_headers(ctx.task)
                 self.reporter.completed_nowait(
                     ctx.task,
                     payload,
-                    functools.partial(self._completion_stored, delivery, ctx, payload),
+                    headers,
+                    functools.partial(self._completion_stored, delivery, ctx, payload, headers),
                 )
             except BaseException:
                 self._recorded_one()

@@ -10,7 +10,6 @@ scope each. Every publish is checked against the protocol's limits before it is 
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import math
@@ -54,12 +53,16 @@ log = logging.getLogger("natrio.connection")
 class Reply:
     """Where a reply (or the error that stopped the request) lands for one Trio caller."""
 
-    __slots__ = ("__weakref__", "error", "event", "message")
+    __slots__ = ("__weakref__", "deadline", "error", "event", "message", "subject", "timeout")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.message: Message | None = None
         self.error: BaseException | None = None
+        # When the sweeper fails it (Trio time; inf: never), and what its error says.
+        self.deadline = math.inf
+        self.subject = ""
+        self.timeout = 0.0
 
     def settle(self) -> None:
         """The reply (or error) is in: wake the caller."""
@@ -69,13 +72,25 @@ class Reply:
 class _CallbackReply:
     """Where a reply lands for :meth:`Connection.request_nowait`: a function called with it."""
 
-    __slots__ = ("__weakref__", "callback", "error", "message", "settled")
+    __slots__ = (
+        "__weakref__",
+        "callback",
+        "deadline",
+        "error",
+        "message",
+        "settled",
+        "subject",
+        "timeout",
+    )
 
     def __init__(self, callback: Callable[[Message | None, BaseException | None], None]) -> None:
         self.callback = callback
         self.message: Message | None = None
         self.error: BaseException | None = None
         self.settled = False
+        self.deadline = math.inf
+        self.subject = ""
+        self.timeout = 0.0
 
     def settle(self) -> None:
         if self.settled:
@@ -184,9 +199,11 @@ class Connection:
         # cut off: where no one else's reply may be steered.
         self._own_inboxes: dict[int, str] = {}
         self._mux_length = 0
-        self._deadlines: list[tuple[float, str, str, float]] = []
         self._sweep_wake = trio.Event()
         self._sweeper_idle = True
+        # Trio time at the sweeper's last look: what request deadlines count from while
+        # it is awake (a clock read per request cost more than the rest of sending one).
+        self._swept_at = 0.0
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._closed = False
         self.reconnects = 0
@@ -360,33 +377,36 @@ class Connection:
         token = f"r{next(self._tokens)}"
         self._waiters[token] = waiter
         if timeout is not None:
-            heapq.heappush(
-                self._deadlines, (trio.current_time() + timeout, token, subject, timeout)
-            )
             if self._sweeper_idle:
                 self._sweeper_idle = False
+                self._swept_at = trio.current_time()
                 self._sweep_wake.set()
+            # Counted from the sweeper's last look, at most one interval ago: one more
+            # interval keeps it from expiring early.
+            waiter.deadline = self._swept_at + timeout + _SWEEP_INTERVAL
+            waiter.subject = subject
+            waiter.timeout = timeout
         self._enqueue((subject, payload, self._mux_prefix + token, block, waiter))
         return token
 
     async def _expire_requests(self) -> None:
-        # Fails requests whose timeout passed. Deadlines of answered requests stay in the
-        # heap until they pass: removing them would cost every request a heap search.
-        deadlines = self._deadlines
+        # Fails requests whose timeout passed, looking at the unanswered ones every
+        # interval while there are any (a few hundred at most in flight, where a heap of
+        # deadlines costs every request a push and a pop).
+        waiters = self._waiters
         while True:
             await self._sweep_wake.wait()
             self._sweep_wake = trio.Event()
-            while deadlines:
+            while waiters:
                 await trio.sleep(_SWEEP_INTERVAL)
-                now = trio.current_time()
-                while deadlines and deadlines[0][0] <= now:
-                    _, token, subject, timeout = heapq.heappop(deadlines)
-                    waiter = self._waiters.pop(token, None)
-                    if waiter is not None:
-                        waiter.error = RequestTimeout(
-                            f"no reply to a request on {subject} within {timeout} s"
-                        )
-                        waiter.settle()
+                now = self._swept_at = trio.current_time()
+                expired = [token for token, waiter in waiters.items() if waiter.deadline <= now]
+                for token in expired:
+                    waiter = waiters.pop(token)
+                    waiter.error = RequestTimeout(
+                        f"no reply to a request on {waiter.subject} within {waiter.timeout} s"
+                    )
+                    waiter.settle()
             self._sweeper_idle = True
 
     async def flush(self) -> None:
@@ -464,7 +484,7 @@ class Connection:
         def deliver(
             subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
         ) -> None:
-            with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            try:
                 handle(
                     Message(
                         subject.decode(errors="surrogateescape"),
@@ -473,6 +493,8 @@ class Connection:
                         headers,
                     )
                 )
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the subscription is closing
 
         sid = await self._link.subscribe(subject, queue, deliver)
         inbox = _inbox_of(subject, self.inbox_prefix)

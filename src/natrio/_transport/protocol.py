@@ -120,6 +120,15 @@ class Headers(Mapping[str, str]):
         headers.block = _header_text(items).encode()
         return headers
 
+    @classmethod
+    def of_own_block(cls, items: dict[str, str], block: bytes) -> Headers:
+        """:meth:`of_own` with the block already encoded (by a caller that wrote out the
+        same lines as :func:`header_block` would, in one format string)."""
+        headers = cls.__new__(cls)
+        headers._items = items
+        headers.block = block
+        return headers
+
     def __getitem__(self, name: str) -> str:
         return self._items[name]
 
