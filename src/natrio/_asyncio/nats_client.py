@@ -95,48 +95,73 @@ class _Parser(parser.Parser):
         end = len(chunk)
         pos = 0
         nc = self.nc
+        if self.state == parser.AWAITING_MSG_PAYLOAD:
+            # The rest of a message whose control line came with the previous read.
+            needed = self.needed
+            if end < needed + 2:
+                self.buf = bytearray(chunk)  # still not all there
+                return
+            split = self.header_needed
+            arg = self.msg_arg
+            headers = chunk[:split] if split else None
+            payload = chunk[split:needed]
+            pos = needed + 2
+            self.header_needed = 0
+            self.state = parser.AWAITING_CONTROL_LINE
+            if not nc.deliver(arg["sid"], arg["subject"], arg["reply"], payload, headers):
+                self.buf = bytearray(chunk[pos:])
+                await nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, headers)
+                chunk, pos = bytes(self.buf), 0
+                end = len(chunk)
+        find = chunk.find
         while pos < end:
-            if self.state == parser.AWAITING_MSG_PAYLOAD:
-                needed = self.needed
-                if end - pos < needed + 2:
-                    break
-                split = self.header_needed
-                arg = self.msg_arg
-                if split:
-                    headers: bytes | None = chunk[pos : pos + split]
-                    payload = chunk[pos + split : pos + needed]
-                else:
-                    headers = None
-                    payload = chunk[pos : pos + needed]
-                pos += needed + 2
-                self.header_needed = 0
-                self.state = parser.AWAITING_CONTROL_LINE
-                sid, subject, reply = arg["sid"], arg["subject"], arg["reply"]
-                if not nc.deliver(sid, subject, reply, payload, headers):
-                    # Not a lane's: nats-py's own subscription machinery, which may wait.
-                    self.buf = bytearray(chunk[pos:])
-                    await nc._process_msg(sid, subject, reply, payload, headers)
-                    chunk, pos = bytes(self.buf), 0
-                    end = len(chunk)
-                continue
-            first = chunk[pos]
-            line = None
-            if first == _M:
-                line = _MSG_LINE.match(chunk, pos)
-                if line is not None:
-                    subject, sid, _, reply, needed = line.groups()
-                    header_size = b"0"
-            elif first == _H:
-                line = _HMSG_LINE.match(chunk, pos)
-                if line is not None:
-                    subject, sid, _, reply, header_size, needed = line.groups()
-            if line is None:
-                break  # not a message, or cut off: nats-py's parse takes it from here
-            self.header_needed = int(header_size)
-            self.msg_arg = {"subject": subject, "sid": int(sid), "reply": reply or b""}
-            self.needed = int(needed)
-            self.state = parser.AWAITING_MSG_PAYLOAD
-            pos = line.end()
+            eol = find(b"\r\n", pos, pos + parser.MAX_CONTROL_LINE_SIZE)
+            if eol < 0:
+                break  # cut off by the end of the read
+            line = chunk[pos:eol]
+            fields = line.split(b" ")
+            count = len(fields)
+            op = fields[0]
+            if op == b"HMSG" and count == 6:
+                _, subject, sid, reply, header_size, size = fields
+            elif op == b"MSG" and count == 5:
+                _, subject, sid, reply, size = fields
+                header_size = b"0"
+            elif op == b"HMSG" and count == 5:
+                _, subject, sid, header_size, size = fields
+                reply = b""
+            elif op == b"MSG" and count == 4:
+                _, subject, sid, size = fields
+                reply, header_size = b"", b"0"
+            else:
+                break  # not a message: nats-py's parse takes it from here
+            if (
+                b"\t" in line
+                or b"" in fields
+                or not (sid.isdigit() and size.isdigit() and header_size.isdigit())
+            ):
+                break  # tabs or doubled blanks between fields: nats-py's parse reads those
+            needed = int(size)
+            split = int(header_size)
+            start = eol + 2
+            if end - start < needed + 2:
+                # The payload is cut off by the end of the read: wait for the rest.
+                self.msg_arg = {"subject": subject, "sid": int(sid), "reply": reply}
+                self.needed = needed
+                self.header_needed = split
+                self.state = parser.AWAITING_MSG_PAYLOAD
+                pos = start
+                break
+            headers = chunk[start : start + split] if split else None
+            payload = chunk[start + split : start + needed]
+            pos = start + needed + 2
+            if not nc.deliver(int(sid), subject, reply, payload, headers):
+                # Not a lane's: nats-py's own subscription machinery, which may wait.
+                self.buf = bytearray(chunk[pos:])
+                await nc._process_msg(int(sid), subject, reply, payload, headers)
+                chunk, pos = bytes(self.buf), 0
+                end = len(chunk)
+                find = chunk.find
         self.buf = bytearray(chunk[pos:])
         if self.buf and self.state == parser.AWAITING_CONTROL_LINE:
             await super().parse()
