@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from natrio._bench import report
+from natrio._bench import report, scenarios
 from natrio._cli import cli
 
 TINY = (
@@ -31,31 +31,69 @@ TINY = (
     "0.5",
     "--longrun-tasks",
     "2000",
+    "--loss-tasks",
+    "100",
+    "--loss-seconds",
+    "1",
 )
 
+# The peers run when their libraries are installed (the bench extra), else are skipped.
+FASTSTREAM = scenarios.peer_available("faststream")
+TASKIQ = scenarios.peer_available("taskiq")
+
 FIGURES = {
-    "drain": {"tasks", "median_rate", "rates"},
+    "drain": {"tasks", "median_rate", "rates", "contestants"},
     "roundtrip": {"count", "latency_seconds"},
     "concurrency": {"tasks", "sleep", "seconds", "bytes_per_task", "peak_in_flight"},
     "longrun": {"tasks", "rate", "rss_bytes", "growth_from_task", "growth_bytes"},
+    "loss": {"tasks", "seconds", "lost", "kept"},
+}
+DRAIN = (
+    {"A", "B", "B-same", "natrio"}
+    | ({"faststream", "faststream-workers"} if FASTSTREAM else set())
+    | ({"taskiq"} if TASKIQ else set())
+)
+ROUNDTRIP = (
+    {"floor", "natrio"}
+    | ({"faststream"} if FASTSTREAM else set())
+    | ({"taskiq"} if TASKIQ else set())
+)
+PEER_RATIOS = {
+    f"{kind}_natrio_vs_{peer}"
+    for peer, present in (("faststream", FASTSTREAM), ("taskiq", TASKIQ))
+    if present
+    for kind in ("drain", "roundtrip_p50", "roundtrip_p99", "roundtrip_p99.9")
 }
 RATIOS = {
     "drain_natrio_vs_a",
     "drain_natrio_vs_b",
+    "drain_natrio_vs_b_same",
+    "drain_cpu_natrio_vs_b",
     "roundtrip_p50_natrio_vs_floor",
     "roundtrip_p99_natrio_vs_floor",
     "roundtrip_p99.9_natrio_vs_floor",
-}
-TARGETS = {
-    "drain_vs_a",
-    "drain_vs_b",
-    "roundtrip_p50",
-    "roundtrip_p99",
-    "roundtrip_p50_vs_floor",
-    "concurrency_wall",
-    "concurrency_memory",
-    "longrun_growth",
-}
+} | PEER_RATIOS
+TARGETS = (
+    {
+        "drain_vs_a",
+        "drain_vs_b",
+        "drain_vs_b_same",
+        "drain_cpu_vs_b",
+        "roundtrip_p50",
+        "roundtrip_p99",
+        "roundtrip_p50_vs_floor",
+        "concurrency_wall",
+        "concurrency_memory",
+        "longrun_growth",
+        "loss_natrio",
+    }
+    | (
+        {"drain_vs_faststream", "roundtrip_p50_vs_faststream", "roundtrip_p99_vs_faststream"}
+        if FASTSTREAM
+        else set()
+    )
+    | ({"drain_vs_taskiq", "roundtrip_p50_vs_taskiq"} if TASKIQ else set())
+)
 
 
 def bench(*args: str) -> Result:
@@ -75,11 +113,21 @@ def test_every_scenario_writes_every_figure_ratio_and_target(tmp_path: Path) -> 
     result = bench(*TINY, "--output", str(tmp_path))
     doc = json.loads((tmp_path / "bench.json").read_text())
 
-    assert doc["scenarios"] == ["drain", "roundtrip", "concurrency", "longrun"]
+    assert doc["scenarios"] == ["drain", "roundtrip", "concurrency", "longrun", "loss"]
     for scenario, keys in FIGURES.items():
         assert keys <= set(doc["figures"][scenario]), scenario
-    assert set(doc["figures"]["drain"]["median_rate"]) == {"A", "B", "natrio"}
-    for contestant in ("floor", "natrio"):
+    assert set(doc["figures"]["drain"]["median_rate"]) == DRAIN
+    for key, figures in doc["figures"]["drain"]["contestants"].items():
+        assert finite(figures["cpu_us_per_task"]), key
+        assert figures["rss_peak_bytes"] > 0, key
+    assert set(doc["figures"]["roundtrip"]["latency_seconds"]) == ROUNDTRIP
+    # No events stream: natrio keeps every task it could not record.
+    assert doc["figures"]["loss"]["lost"]["natrio"] == 0
+    assert set(doc["figures"]["loss"]["lost"]) == DRAIN
+    assert set(doc["skipped"]) == {
+        peer for peer, present in (("faststream", FASTSTREAM), ("taskiq", TASKIQ)) if not present
+    }
+    for contestant in ROUNDTRIP:
         latency = doc["figures"]["roundtrip"]["latency_seconds"][contestant]
         assert {"p50", "p90", "p99", "p99.9"} <= set(latency)
         assert all(finite(value) and value > 0 for value in latency.values())
@@ -102,7 +150,7 @@ def test_every_scenario_writes_every_figure_ratio_and_target(tmp_path: Path) -> 
     assert doc["command"]
     assert doc["timestamp"]
 
-    assert "ratios: drain natrio/A" in result.stdout
+    assert "ratios: drain natrio/a" in result.stdout
     assert "targets missed" in result.stdout or "targets met" in result.stdout
     if doc["environment"]["packages"]["matplotlib"]:
         assert (tmp_path / "bench.png").stat().st_size > 0
@@ -112,13 +160,34 @@ def test_every_scenario_writes_every_figure_ratio_and_target(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_rounds_interleave_the_drain_contestants(tmp_path: Path) -> None:
-    bench("--scenario", "drain", "--rounds", "2", "--drain-tasks", "100", "--output", str(tmp_path))
+    bench(
+        "--scenario",
+        "drain",
+        "--contestant",
+        "A,B,natrio",
+        "--rounds",
+        "2",
+        "--drain-tasks",
+        "100",
+        "--output",
+        str(tmp_path),
+    )
     doc = json.loads((tmp_path / "bench.json").read_text())
 
     assert doc["scenarios"] == ["drain"]
     assert doc["raw"]["drain"]["order"] == ["A", "B", "natrio", "A", "B", "natrio"]
     assert all(len(doc["figures"]["drain"]["rates"][key]) == 2 for key in ("A", "B", "natrio"))
-    assert {target["id"] for target in doc["targets"]} == {"drain_vs_a", "drain_vs_b"}
+    assert {target["id"] for target in doc["targets"]} == {
+        "drain_vs_a",
+        "drain_vs_b",
+        "drain_cpu_vs_b",
+    }
+
+
+def test_an_unknown_contestant_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["bench", "--contestant", "natrio,celery"])
+    assert result.exit_code == 2
+    assert "unknown contestant celery" in result.stderr
 
 
 def test_unknown_scenario_is_a_usage_error() -> None:

@@ -89,7 +89,7 @@ def test_any_cut_of_the_stream_delivers_every_message_intact(
 
     async def feed() -> _Recorder:
         recorder = _Recorder()
-        parser = nats_client._Parser(recorder)  # type: ignore[arg-type]
+        parser = nats_client._Parser(recorder)
         previous = 0
         for point in points:
             await parser.parse(stream[previous:point])

@@ -761,7 +761,8 @@ def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], 
     multiple=True,
     callback=_scenario_names,
     metavar="NAME[,NAME...]",
-    help="Scenario(s) to run: drain, roundtrip, concurrency, longrun; repeat or comma-separate. "
+    help="Scenario(s) to run: drain, roundtrip, concurrency, longrun, loss; repeat or "
+    "comma-separate. "
     "Default: all.",
 )
 @click.option(
@@ -789,6 +790,13 @@ def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], 
     help="Seconds each sleeping handler sleeps.",
 )
 @_count_option("--longrun-tasks", 1_000_000, 20_000, "Tasks through one worker in the long run")
+@_count_option("--loss-tasks", 2_000, 500, "Tasks each loss contestant is given")
+@click.option(
+    "--loss-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds each loss contestant runs without an events stream. Default: 5 (3 with --quick).",
+)
 @click.option(
     "--output",
     type=click.Path(file_okay=False, writable=True),
@@ -814,36 +822,41 @@ def bench(
     sleepers: int | None,
     sleep: float,
     longrun_tasks: int | None,
+    loss_tasks: int | None,
+    loss_seconds: float | None,
     output: str,
     store_dir: str | None,
 ) -> None:
-    """Measure natrio side by side with plain nats-py workers.
+    """Measure natrio side by side with nats-py loops, FastStream and taskiq.
 
     Each scenario starts its own nats-server (file store) and runs its contestants, each
-    in its own process, against it with the same tasks: drain (tasks/s of a worker
-    draining a queue; baselines A, a nats-py fetch() worker, and B, the fastest
-    hand-written nats-py loop), roundtrip (latency of submit + result(); floor: nats-py
-    request/reply), concurrency (handlers sleeping at once: wall time, memory per
-    task), longrun (RSS of one worker over many tasks). Prints a table with natrio's
-    ratios to the baselines and the targets met or missed, and writes bench.json and
-    bench.png to --output. Exits 0 even when a target is missed: it measures, it does
-    not test.
+    in its own process, against it with the same tasks: drain (tasks/s, CPU per task,
+    peak RSS and the server's CPU of a worker draining a queue; baselines A, a nats-py
+    fetch() worker, B, the leanest hand-written nats-py loop, and B-same, that loop
+    sending natrio's messages; FastStream and taskiq when installed), roundtrip (latency
+    of a submit and its result; floor: nats-py request/reply), concurrency (handlers
+    sleeping at once: wall time, memory per task), longrun (RSS of one worker over many
+    tasks), loss (tasks each contestant loses when no completion event can be stored).
+    Prints a table with natrio's ratios and the targets met or missed, and writes
+    bench.json and bench.png to --output. Exits 0 even when a target is missed: it
+    measures, it does not test.
     """
     import attrs as _attrs
 
     from ._bench import scenarios as bench_scenarios
 
     base = bench_scenarios.QUICK if quick else bench_scenarios.FULL
-    overrides = {
+    overrides: dict[str, float | None] = {
         "drain_tasks": drain_tasks,
         "roundtrip_count": roundtrip_count,
         "roundtrip_warmup": roundtrip_warmup,
         "sleepers": sleepers,
         "longrun_tasks": longrun_tasks,
+        "loss_tasks": loss_tasks,
+        "loss_seconds": loss_seconds,
     }
-    sizes = _attrs.evolve(
-        base, sleep=sleep, **{key: value for key, value in overrides.items() if value is not None}
-    )
+    given: dict[str, Any] = {key: value for key, value in overrides.items() if value is not None}
+    sizes = _attrs.evolve(base, sleep=sleep, **given)
     customised = any(value is not None for value in overrides.values()) or sleep != base.sleep
     mode = ("quick" if quick else "full") + (", custom sizes" if customised else "")
     config = bench_scenarios.BenchConfig(
@@ -914,14 +927,14 @@ def _report_bench(doc: dict[str, Any], directory: Path) -> None:
     ratios = doc["ratios"]
     shown = []
     drain = [
-        f"natrio/{name[len('drain_natrio_vs_'):]} {value:.2f}x"
+        f"natrio/{name[len('drain_natrio_vs_') :]} {value:.2f}x"
         for name, value in ratios.items()
         if name.startswith("drain_natrio_vs_")
     ]
     if drain:
         shown.append("drain " + ", ".join(drain))
     roundtrip = [
-        f"natrio/{name[len('roundtrip_p50_natrio_vs_'):]} {value:.2f}x"
+        f"natrio/{name[len('roundtrip_p50_natrio_vs_') :]} {value:.2f}x"
         for name, value in ratios.items()
         if name.startswith("roundtrip_p50_natrio_vs_")
     ]

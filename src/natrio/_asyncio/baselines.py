@@ -2,14 +2,18 @@
 
 - ``drain-a``: a worker as people write it: ``js.pull_subscribe`` + ``fetch(batch)``,
   decode, the no-op, ``js.publish`` of the completion event (awaited), ``ack``.
-- ``drain-b``: the fastest plain nats-py loop we could write: a hand-built continuous
-  pull on a callback subscription, completion events published with
-  ``js.publish_async`` and awaited in batches, acks as plain publishes.
+- ``drain-b``: the leanest plain nats-py loop: a continuous pull on a callback
+  subscription whose callback only enqueues, messages taken in batches, completion events
+  with ``js.publish_async`` awaited per batch, ``+ACK`` per batch, a new pull once half the
+  window is free.
+- ``drain-b-same``: the same loop sending natrio's message set: a ``started`` event
+  before each handler and a reply after each ack.
 - ``echo`` / ``request``: core NATS request/reply, the floor of any round trip.
 
 Each does exactly the work a natrio worker does for the same task (see
 ``natrio._bench.workload``): the same decode and encode, the same completion event and
-headers, and the ack only after the event is stored. Run one with
+headers, and the ack only after the event is stored. Each runs on asyncio's own event
+loop (``plain.run``), not the trio-asyncio one importing natrio installs. Run one with
 ``python -m natrio._asyncio.baselines <name> --url URL [--count N]``; it prints its
 figures as one JSON line.
 """

@@ -18,12 +18,14 @@ from typing import Any
 
 import nats
 import nats.aio.client
+import nats.aio.subscription
 import nats.errors
 import nats.protocol.parser as parser
 import trio
 import trio_asyncio
+from nats.protocol import command as prot_command
 
-from .._errors import ConnectError, RequestTimeout
+from .._errors import ConnectError, ConnectionClosed, RequestTimeout
 from .._transport.protocol import parse_headers, redact
 
 log = logging.getLogger("natrio.connection")
@@ -206,18 +208,12 @@ class _Client(nats.aio.client.Client):
         return True
 
     async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
         # nats-py passes None for ``headers`` when a message has none.
         if not self.deliver(sid, subject, reply, data, headers):
-            await super()._process_msg(sid, subject, reply, data, headers)
-
-    async def subscribe_lane(self, subject: str, queue: str, lane: Lane) -> Any:
-        # The lane is in place before the SUB can reach the server: subscribe() queues it
-        # without yielding to the read loop.
-        sub = await self.subscribe(subject, queue=queue)
-        self.lanes[sub._id] = lane
-        return sub
+            # nats-py's own annotation says bytes; it is given None too.
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
 
 
 class NatsLink:
@@ -275,11 +271,29 @@ class NatsLink:
 
     # -- subscriptions ----------------------------------------------------------------
 
-    async def subscribe(self, subject: str, queue: str, lane: Lane) -> int:
-        """Subscribe with ``lane`` receiving every message; returns the subscription id."""
-        sub = await self._aio(self._client.subscribe_lane)(subject, queue, lane)
-        self._subs[sub._id] = sub
-        return int(sub._id)
+    def subscribe(self, subject: str, queue: str, lane: Lane) -> tuple[int, bytes]:
+        """Register a subscription with ``lane`` receiving every message, at once.
+
+        Returns its id and the SUB command for the caller to write (in order with its
+        publishes): nats-py's own subscribe() is a coroutine, whose hop through asyncio
+        cost a waiting client more than the rest of subscribing. nats-py knows the
+        subscription as its own, so it subscribes again after a reconnect.
+        """
+        nc = self._client
+        if nc.is_closed:
+            raise ConnectionClosed("the connection is closed")
+        try:
+            nats.aio.client._validate_subject(subject, strict=True)
+            nats.aio.client._validate_queue(queue)
+        except nats.errors.Error as exc:
+            raise ValueError(f"cannot subscribe to {subject[:100]!r}: {exc!r}") from None
+        nc._sid += 1
+        sid: int = nc._sid
+        sub = nats.aio.subscription.Subscription(nc, sid, subject, queue=queue)
+        nc.lanes[sid] = lane
+        nc._subs[sid] = sub
+        self._subs[sid] = sub
+        return sid, prot_command.sub_cmd(subject, queue, sid)
 
     async def drain(self, sid: int) -> None:
         """Remove interest and wait until what the server sent has arrived (errors logged)."""
@@ -295,16 +309,15 @@ class NatsLink:
         self._subs.pop(sid, None)
         self._client.lanes.pop(sid, None)
 
-    async def unsubscribe(self, sid: int) -> None:
-        """Remove interest at once and forget the lane (errors logged)."""
+    def unsubscribe(self, sid: int) -> bytes | None:
+        """Forget the subscription and its lane at once; returns the UNSUB command for the
+        caller to write, or None when there is nothing to tell the server."""
         sub = self._subs.pop(sid, None)
         self._client.lanes.pop(sid, None)
+        self._client._remove_sub(sid)
         if sub is None or self.closed:
-            return
-        try:
-            await self._aio(sub.unsubscribe)()
-        except nats.errors.Error as exc:
-            log.debug("unsubscribing %s: %r", sub.subject, exc)
+            return None
+        return prot_command.unsub_cmd(sid, 0)
 
     # -- writing ----------------------------------------------------------------------
 

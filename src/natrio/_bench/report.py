@@ -216,10 +216,7 @@ def _drain_summary(
                 [_per_task(r, "server_cpu_seconds", 1e6) for r in key_runs]
             ),
             "server_msgs_per_task": _median(
-                [
-                    _per_task(r, "server_msgs_in") + _per_task(r, "server_msgs_out")
-                    for r in key_runs
-                ]
+                [_per_task(r, "server_msgs_in") + _per_task(r, "server_msgs_out") for r in key_runs]
             ),
             "rss_peak_bytes": max(float(r.get("rss_peak", math.nan)) for r in key_runs),
         }
@@ -260,9 +257,7 @@ def _drain_summary(
     if "B" in per_key:
         cpu_ratio = _ratio(per_key["natrio"]["cpu_us_per_task"], per_key["B"]["cpu_us_per_task"])
         ratios["drain_cpu_natrio_vs_b"] = cpu_ratio
-        cpu = _Target(
-            "drain_cpu_vs_b", "drain", "CPU per task ÷ B", cpu_ratio, "<=", 1.0, "≤ B's"
-        )
+        cpu = _Target("drain_cpu_vs_b", "drain", "CPU per task ÷ B", cpu_ratio, "<=", 1.0, "≤ B's")
         targets.append(cpu)
         found["drain_cpu_vs_b"] = (cpu, "B")
     for key, value in per_key.items():
@@ -280,11 +275,20 @@ def _drain_summary(
     natrio_rate = f"{per_key['natrio']['rate']:,.0f}"
     for target, label in found.values():
         if target.id == "drain_cpu_vs_b":
-            value = f"{per_key['natrio']['cpu_us_per_task']:.0f} µs"
-            rows.append(_row("drain", "natrio", "CPU per task", value, f"{target.value:.2f}x B", target))
+            shown = f"{per_key['natrio']['cpu_us_per_task']:.0f} µs"
+            rows.append(
+                _row("drain", "natrio", "CPU per task", shown, f"{target.value:.2f}x B", target)
+            )
         else:
             rows.append(
-                _row("drain", "natrio", "tasks/s", natrio_rate, f"{target.value:.2f}x {label}", target)
+                _row(
+                    "drain",
+                    "natrio",
+                    "tasks/s",
+                    natrio_rate,
+                    f"{target.value:.2f}x {label}",
+                    target,
+                )
             )
     return figures, ratios, targets, rows
 
@@ -352,8 +356,10 @@ def _roundtrip_summary(
     for target_id, key, q, limit, shown in _ROUNDTRIP_TARGETS:
         if key not in latency:
             continue
-        ratio = ratios[f"roundtrip_{q}_natrio_vs_{key}"]
-        target = _Target(target_id, "roundtrip", f"{q} ÷ {names.get(key, key)}'s", ratio, "<=", limit, shown)
+        value = ratios[f"roundtrip_{q}_natrio_vs_{key}"]
+        target = _Target(
+            target_id, "roundtrip", f"{q} ÷ {names.get(key, key)}'s", value, "<=", limit, shown
+        )
         targets.append(target)
         rows.append(
             _row(
@@ -361,7 +367,7 @@ def _roundtrip_summary(
                 "natrio",
                 q,
                 f"{ours[q] * 1000:.3f} ms",
-                f"{ratio:.2f}x {names.get(key, key)}",
+                f"{value:.2f}x {names.get(key, key)}",
                 target,
             )
         )
@@ -672,7 +678,7 @@ def _plot_drain(ax: Any, drain: dict[str, Any], ratios: dict[str, float]) -> Non
         )
     ax.bar_label(bars, labels=[f"{value:,.0f}" for value in medians], padding=2, fontsize=7)
     shown = ", ".join(
-        f"{value:.2f}x {name[len('drain_natrio_vs_'):]}"
+        f"{value:.2f}x {name[len('drain_natrio_vs_') :]}"
         for name, value in ratios.items()
         if name.startswith("drain_natrio_vs_")
     )

@@ -6,10 +6,13 @@ server with the same task payloads. Before each contestant that works tasks, the
 and event streams are purged, the consumer is recreated and the tasks are published
 again under a round id of their own (so ``Nats-Msg-Id`` never drops one as a duplicate).
 
-Contestants are subprocesses (``natrio._asyncio.baselines`` and
-``natrio._bench.contestants``) that report through ``workload.emit``; they are
-terminated, then killed, whenever the bench fails or is cancelled. What comes back is
-raw: :mod:`natrio._bench.report` computes medians, ratios and targets.
+Contestants are subprocesses (``natrio._asyncio.baselines``, ``natrio._bench.contestants``
+and the peers ``natrio._asyncio.faststream_peer`` and ``natrio._asyncio.taskiq_peer``,
+run only when their libraries are installed) that report through ``workload.emit``;
+they are terminated, then killed, whenever the bench fails or is cancelled. The bench
+adds what the server did meanwhile (its CPU, from ``/proc``; its message counts, from its
+monitoring port). What comes back is raw: :mod:`natrio._bench.report` computes medians,
+ratios and targets.
 """
 
 from __future__ import annotations
@@ -486,9 +489,7 @@ async def _session(name: str, config: BenchConfig, progress: Progress) -> AsyncI
     ) as store:
         monitor = _free_port()
         async with (
-            natrio.embedded_server(
-                store_dir=store, args=["--http_port", str(monitor)]
-            ) as server,
+            natrio.embedded_server(store_dir=store, args=["--http_port", str(monitor)]) as server,
             natrio.connect(server.url, name=f"natrio bench {name}") as nc,
         ):
             await natrio.provision(nc, storage="file")
@@ -555,7 +556,9 @@ def drain_contestants(sizes: Sizes) -> tuple[list[DrainContestant], list[str]]:
             continue
         message = importlib.import_module(module).task_message
         if peer == "faststream":
-            peers.append(DrainContestant("faststream", "FastStream", _python(module, "drain"), message))
+            peers.append(
+                DrainContestant("faststream", "FastStream", _python(module, "drain"), message)
+            )
             peers.append(
                 DrainContestant(
                     "faststream-workers",
@@ -565,9 +568,7 @@ def drain_contestants(sizes: Sizes) -> tuple[list[DrainContestant], list[str]]:
                 )
             )
         else:
-            peers.append(
-                DrainContestant("taskiq", "taskiq", _python(module, "drain"), message)
-            )
+            peers.append(DrainContestant("taskiq", "taskiq", _python(module, "drain"), message))
     return ours + peers, skipped
 
 

@@ -48,9 +48,7 @@ _LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
 # it. A ``*`` or ``>`` anywhere takes the long way, which refuses wildcard tokens.
 _TOKEN = r"[!-\-/-~]+"
 _ACK_V1 = re.compile(rf"\$JS\.ACK\.{_TOKEN}\.{_TOKEN}\.([0-9]+)\.([0-9]+)(?:\.{_TOKEN}){{3}}")
-_ACK_V2 = re.compile(
-    rf"\$JS\.ACK(?:\.{_TOKEN}){{4}}\.([0-9]+)\.([0-9]+)(?:\.{_TOKEN}){{3,}}"
-)
+_ACK_V2 = re.compile(rf"\$JS\.ACK(?:\.{_TOKEN}){{4}}\.([0-9]+)\.([0-9]+)(?:\.{_TOKEN}){{3,}}")
 
 
 def ack_position(reply: str) -> tuple[int, int] | None:

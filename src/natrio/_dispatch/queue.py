@@ -12,6 +12,7 @@ follow the handlers that wait rather than the items.
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Generic, TypeVar
 
 import outcome
@@ -75,10 +76,8 @@ class RunnerQueue(Generic[T]):
             self._idle.append(task)
 
             def abort(_: object, task: trio.lowlevel.Task = task) -> trio.lowlevel.Abort:
-                try:
+                with contextlib.suppress(ValueError):  # woken meanwhile: passed on below
                     self._idle.remove(task)
-                except ValueError:
-                    pass  # woken meanwhile; the wake-up is passed on below
                 return trio.lowlevel.Abort.SUCCEEDED
 
             try:

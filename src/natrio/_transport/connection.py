@@ -16,7 +16,7 @@ import math
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -107,7 +107,7 @@ _Waiter = Reply | _CallbackReply
 
 # An outbox item: subject, payload, reply, encoded header block (b"" for none), and the
 # waiter to fail if it cannot be sent.
-_Item = tuple[str, bytes, str, bytes, _Waiter | None]
+_Item = tuple[str, bytes, str, bytes, _Waiter | None] | bytes
 
 
 class Subscription:
@@ -168,7 +168,9 @@ class Subscription:
         self._closed = True
         self._send.close()
         self._conn._own_inboxes.pop(self._sid, None)
-        await self._conn._link.unsubscribe(self._sid)
+        command = self._conn._link.unsubscribe(self._sid)
+        if command is not None and not self._conn._closed:
+            self._conn._enqueue(command)
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -445,15 +447,19 @@ class Connection:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
+        # A SUB or UNSUB comes as its encoded command, in order with the publishes.
         commands = [
-            encode_command(subject, reply, payload, block)
-            for subject, payload, reply, block, _ in batch
+            item if isinstance(item, bytes) else encode_command(item[0], item[2], item[1], item[3])
+            for item in batch
         ]
         error = self._link.write(commands, sum(map(len, commands)))
         if error is None:
             return
         log.warning("could not send %d message(s): %s", len(commands), error)
-        for _, _, reply, _, waiter in batch:
+        for item in batch:
+            if isinstance(item, bytes):
+                continue
+            _, _, reply, _, waiter = item
             if waiter is not None:
                 # Answered now, so neither a reply nor the sweeper settles it again.
                 self._waiters.pop(reply[self._mux_length :], None)
@@ -484,7 +490,8 @@ class Connection:
         def deliver(
             subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
         ) -> None:
-            try:
+            # try/except, not contextlib.suppress: a context manager per message costs more.
+            try:  # noqa: SIM105
                 handle(
                     Message(
                         subject.decode(errors="surrogateescape"),
@@ -496,7 +503,8 @@ class Connection:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass  # the subscription is closing
 
-        sid = await self._link.subscribe(subject, queue, deliver)
+        sid, command = self._link.subscribe(subject, queue, deliver)
+        self._enqueue(command)
         inbox = _inbox_of(subject, self.inbox_prefix)
         if inbox is not None:
             self._own_inboxes[sid] = inbox
@@ -540,7 +548,8 @@ class Connection:
     async def _start(self) -> None:
         self._mux_prefix = self.new_inbox() + "."
         self._mux_length = len(self._mux_prefix)
-        await self._link.subscribe(self._mux_prefix + "*", "", self._on_reply)
+        _, command = self._link.subscribe(self._mux_prefix + "*", "", self._on_reply)
+        self._enqueue(command)
 
     def _reconnected(self) -> None:
         self.reconnects += 1
