@@ -14,6 +14,8 @@ from ._errors import DecodeError
 #: The converter natrio uses for typed inputs and outputs. Register hooks on it for
 #: types cattrs does not handle out of the box.
 converter = make_converter()
+# One encoder for every payload: json.dumps with non-default options builds one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def encode(value: object) -> bytes:
@@ -24,7 +26,7 @@ def encode(value: object) -> bytes:
         return value
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
-    return json.dumps(converter.unstructure(value), separators=(",", ":")).encode()
+    return _ENCODER.encode(converter.unstructure(value)).encode()
 
 
 def decode(data: bytes, type_: Any) -> Any:
