@@ -44,8 +44,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -82,21 +80,9 @@ def _worker_broker(
     url: str, batch: int, max_workers: int | None, on_done: Callable[[], None]
 ) -> "NatsBroker":
     """A broker whose one subscriber runs the typed no-op; ``on_done`` after each event."""
-    import pydantic
     from faststream.nats import JStream, NatsBroker, PullSub
 
-    class Job(pydantic.BaseModel):
-        """The task input."""
-
-        n: int
-        name: str
-        size: int
-
-    class JobDone(pydantic.BaseModel):
-        """The task output."""
-
-        n: int
-        ok: bool
+    from .peer_models import Job, JobDone
 
     broker = NatsBroker(url, log_level=logging.DEBUG)
     worker = f"faststream-{os.getpid()}"
@@ -127,19 +113,6 @@ def _worker_broker(
 def _stop_on_sigterm(stop: asyncio.Event) -> None:
     """Set ``stop`` on SIGTERM, as the FastStream CLI stops an app gracefully."""
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-
-
-def _stop_at_end_of_stdin(stop: asyncio.Event) -> None:
-    """Set ``stop`` once stdin reaches its end (how the bench stops a server contestant)."""
-    loop = asyncio.get_running_loop()
-
-    def read() -> None:
-        sys.stdin.buffer.read()
-        loop.call_soon_threadsafe(stop.set)
-
-    # A daemon thread, not the loop's executor: the runner joins its executor's threads,
-    # and one blocked on stdin after a SIGTERM would keep the process from exiting.
-    threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
 async def drain(url: str, count: int, batch: int, max_workers: int | None) -> dict[str, Any]:
@@ -181,7 +154,7 @@ async def roundtrip_worker(url: str, batch: int, max_workers: int | None) -> dic
     await broker.connect()
     await broker.start()
     workload.emit({"ready": True})
-    _stop_at_end_of_stdin(stop)
+    plain.set_at_end_of_stdin(stop)
     await stop.wait()
     await broker.stop()
     return {"processed": processed, "batch": batch, "max_workers": max_workers}

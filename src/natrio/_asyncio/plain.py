@@ -14,6 +14,8 @@ import _asyncio
 import asyncio
 import asyncio.events
 import asyncio.tasks
+import sys
+import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -44,3 +46,18 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     restore_asyncio()
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(main)
+
+
+def set_at_end_of_stdin(event: asyncio.Event) -> None:
+    """Set ``event`` once stdin reaches its end (how the bench stops a server contestant).
+
+    A daemon thread, not the loop's executor: the runner joins its executor's threads, and
+    one blocked on stdin after a SIGTERM would keep the process from exiting.
+    """
+    loop = asyncio.get_running_loop()
+
+    def read() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(event.set)
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()

@@ -35,8 +35,6 @@ import json
 import logging
 import os
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -105,19 +103,11 @@ def _event_subject(task_id: str, kind: str) -> str:
 def _build(url: str, batch: int, on_stored: Callable[[], None], worker: str) -> _App:
     """The broker, its result backend and the typed no-op task, as a taskiq app declares them."""
     import nats.js.errors
-    import pydantic
     import pydantic_core
     from taskiq import AsyncResultBackend, BrokerMessage, ResultGetError, TaskiqResult
     from taskiq_nats import PullBasedJetStreamBroker
 
-    class Job(pydantic.BaseModel):
-        n: int
-        name: str
-        size: int
-
-    class JobDone(pydantic.BaseModel):
-        n: int
-        ok: bool
+    from .peer_models import Job, JobDone
 
     class Broker(PullBasedJetStreamBroker):
         async def _add_or_reuse_stream(self) -> None:
@@ -300,23 +290,12 @@ async def drain(url: str, count: int, max_async_tasks: int, batch: int) -> dict[
     return meter.figures(stored.done) | {"max_async_tasks": max_async_tasks, "batch": batch}
 
 
-def _set_at_end_of_stdin(event: asyncio.Event) -> None:
-    """Set ``event`` once stdin reaches its end (a daemon thread: SIGTERM need not wait on it)."""
-    loop = asyncio.get_running_loop()
-
-    def read() -> None:
-        sys.stdin.buffer.read()
-        loop.call_soon_threadsafe(event.set)
-
-    threading.Thread(target=read, daemon=True).start()
-
-
 async def roundtrip_worker(url: str, max_async_tasks: int, batch: int) -> dict[str, Any]:
     """Serve the no-op until stdin ends or SIGTERM; print ``ready`` once it pulls."""
     stored = _Stored()
 
     def started() -> None:
-        _set_at_end_of_stdin(stored.finished)
+        plain.set_at_end_of_stdin(stored.finished)
         workload.emit({"ready": True})
 
     await _serve(url, batch, max_async_tasks, stored, started)
