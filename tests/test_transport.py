@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 import natrio
 from natrio._asyncio.nats_client import version_supported
@@ -76,3 +77,30 @@ async def test_a_wide_subscription_under_the_inbox_prefix_is_no_own_inbox(
     assert not natrio_connection.is_own_inbox(expected)
     assert not natrio_connection.is_own_inbox(f"{natrio_connection.inbox_prefix}.client.x")
     await sub.unsubscribe()
+
+
+async def test_a_request_after_the_loop_was_busy_does_not_time_out_early(
+    natrio_connection: natrio.Connection,
+) -> None:
+    import time
+
+    nc = natrio_connection
+
+    def echo(msg: natrio.Message) -> None:
+        nc.publish_nowait(msg.reply, b"pong")
+
+    await nc.subscribe("test.echo", on_message=echo)
+    await nc.subscribe("test.silent")  # never answers: keeps the request sweeper awake
+    await nc.flush()
+    async with trio.open_nursery() as nursery:
+
+        async def unanswered() -> None:
+            await nc.request("test.silent", timeout=30)  # cancelled below
+
+        nursery.start_soon(unanswered)
+        await trio.testing.wait_all_tasks_blocked()
+        # A handler computing without yielding, for longer than the timeout: the fault itself.
+        time.sleep(0.6)  # noqa: ASYNC251
+        reply = await nc.request("test.echo", timeout=0.5)
+        assert reply.data == b"pong"
+        nursery.cancel_scope.cancel()

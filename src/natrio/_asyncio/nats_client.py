@@ -88,7 +88,14 @@ class _Parser(parser.Parser):
     nc: _Client
 
     async def parse(self, data: bytes = b"") -> None:
-        if self.buf:
+        if self.state == parser.AWAITING_MSG_PAYLOAD:
+            # The rest of a message whose control line came with an earlier read: gathered
+            # without copying until it is all there (a large payload comes in many reads).
+            self.buf.extend(data)
+            if len(self.buf) < self.needed + 2:
+                return
+            chunk = bytes(self.buf)
+        elif self.buf:
             self.buf.extend(data)
             chunk = bytes(self.buf)
         else:
@@ -98,11 +105,7 @@ class _Parser(parser.Parser):
         pos = 0
         nc = self.nc
         if self.state == parser.AWAITING_MSG_PAYLOAD:
-            # The rest of a message whose control line came with the previous read.
             needed = self.needed
-            if end < needed + 2:
-                self.buf = bytearray(chunk)  # still not all there
-                return
             split = self.header_needed
             arg = self.msg_arg
             headers = chunk[:split] if split else None

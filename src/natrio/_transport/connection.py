@@ -203,9 +203,6 @@ class Connection:
         self._mux_length = 0
         self._sweep_wake = trio.Event()
         self._sweeper_idle = True
-        # Trio time at the sweeper's last look: what request deadlines count from while
-        # it is awake (a clock read per request cost more than the rest of sending one).
-        self._swept_at = 0.0
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._closed = False
         self.reconnects = 0
@@ -381,11 +378,8 @@ class Connection:
         if timeout is not None:
             if self._sweeper_idle:
                 self._sweeper_idle = False
-                self._swept_at = trio.current_time()
                 self._sweep_wake.set()
-            # Counted from the sweeper's last look, at most one interval ago: one more
-            # interval keeps it from expiring early.
-            waiter.deadline = self._swept_at + timeout + _SWEEP_INTERVAL
+            waiter.deadline = trio.current_time() + timeout
             waiter.subject = subject
             waiter.timeout = timeout
         self._enqueue((subject, payload, self._mux_prefix + token, block, waiter))
@@ -401,7 +395,7 @@ class Connection:
             self._sweep_wake = trio.Event()
             while waiters:
                 await trio.sleep(_SWEEP_INTERVAL)
-                now = self._swept_at = trio.current_time()
+                now = trio.current_time()
                 expired = [token for token, waiter in waiters.items() if waiter.deadline <= now]
                 for token in expired:
                     waiter = waiters.pop(token)
