@@ -89,3 +89,24 @@ async def test_a_starting_worker_freezes_what_exists_unless_told_not_to(
         await natrio_worker_factory.start(worker)
         assert (gc.get_freeze_count() > 0) is freeze
     gc.unfreeze()
+
+
+async def test_no_started_event_follows_an_outcome_recorded_early(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    worker = natrio_worker_factory(started_event_after=0.05)
+    release = trio.Event()
+
+    @worker.handle("job")
+    async def job(ctx: natrio.TaskContext) -> None:
+        await ctx.complete(b"done")
+        await release.wait()  # keeps running after its outcome
+
+    await natrio_worker_factory.start(worker)
+    handle = await natrio_client.submit("job", b"", run_id="early", step_id="s")
+    assert await handle.result() == b"done"
+    # Nothing to wait for when nothing should happen: give the announcer (a look every
+    # 0.05 s) several chances to publish what it must not.
+    await trio.sleep(0.3)
+    release.set()
+    assert await event_counts(natrio_client.nc, "started") == {}

@@ -104,3 +104,17 @@ async def test_a_request_after_the_loop_was_busy_does_not_time_out_early(
         reply = await nc.request("test.echo", timeout=0.5)
         assert reply.data == b"pong"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_subscription_drained_at_once_leaves_no_interest_on_the_server(
+    natrio_connection: natrio.Connection,
+) -> None:
+    nc = natrio_connection
+    for n in range(20):
+        sub = await nc.subscribe(f"test.drained.{n}", queue="q")
+        await sub.drain()
+        await nc.flush()
+        # Gone from the server: nobody answers, at once, rather than a request lost to an
+        # interest the client has forgotten.
+        with pytest.raises(natrio.NoResponders):
+            await nc.request(f"test.drained.{n}", b"x", timeout=2)

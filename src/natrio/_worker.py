@@ -95,9 +95,10 @@ class Worker:
       ``started`` event (default 1; 0: as every handler starts; None: never). Every event
       of an execution carries the time it began (``Natrio-Started``), so a task that ends
       sooner needs no started event in its history.
-    - ``freeze_gc``: when the worker starts, move every object that exists by then into
-      the cycle collector's permanent generation (:func:`gc.freeze`), so that its full
-      collections only walk what was made since (default True; see docs/performance.md).
+    - ``freeze_gc``: when the worker starts, collect once and move every object that
+      exists by then into the cycle collector's permanent generation (:func:`gc.freeze`),
+      so that its full collections only walk what was made since; unfrozen when the
+      worker stops (default True; see docs/performance.md).
 
     Invalid options raise ConfigurationError here, invalid registrations in
     :meth:`handle`.
@@ -413,11 +414,6 @@ class Worker:
             raise NatrioError("this worker is already running")
         self._running = True
         self._started_at = now_iso()
-        if self.freeze_gc:
-            # What exists now (modules, classes, handlers, configuration) lives as long as
-            # the process: the cycle collector need not walk it again at every full run
-            # (a tenth of a busy worker's time otherwise).
-            gc.freeze()
         reporter = Reporter(self.nc, self.worker_id)
         dispatcher = Dispatcher(
             reporter,
@@ -452,6 +448,14 @@ class Worker:
                 consumers.append(consumer)
         self._consumers = consumers
         failing = False
+        if self.freeze_gc:
+            # What exists now (modules, classes, handlers, configuration) mostly lives as
+            # long as the process: collected once, then frozen, the cycle collector need not
+            # walk it again at every full run (a tenth of a busy worker's time otherwise).
+            # Unfrozen when the worker stops, so an embedding program's objects are not
+            # kept from the collector for longer than the worker runs.
+            gc.collect()
+            gc.freeze()
         try:
             with single_error():
                 async with trio.open_nursery() as nursery:
@@ -478,6 +482,8 @@ class Worker:
                             )
                         nursery.cancel_scope.cancel()
         finally:
+            if self.freeze_gc:
+                gc.unfreeze()
             self._running = False
             # A stopped worker may be run again.
             self._stop = trio.Event()

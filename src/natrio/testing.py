@@ -38,7 +38,12 @@ class WorkerFactory:
         self.started: list[Worker] = []
 
     def __call__(self, **options: Any) -> Worker:
-        """A new, not yet started worker; ``options`` go to :class:`natrio.Worker`."""
+        """A new, not yet started worker; ``options`` go to :class:`natrio.Worker`.
+
+        ``freeze_gc`` is off unless given: a test process starts many workers, and each
+        freeze would keep the heap built so far from the cycle collector meanwhile.
+        """
+        options.setdefault("freeze_gc", False)
         return Worker(self.nc, **options)
 
     async def start(self, worker: Worker) -> Worker:

@@ -288,13 +288,21 @@ class Dispatcher:
         while True:
             await trio.sleep(tick)
             now = time.time()
-            for delivery in self._running:
+            for delivery in list(self._running):
                 ctx = delivery.ctx
-                if delivery.running and not delivery.announced and ctx is not None:
+                if (
+                    delivery.running
+                    and not delivery.announced
+                    and ctx is not None
+                    and not ctx.finished  # an outcome recorded: no started event after it
+                ):
                     started = ctx.task.started_at
                     if started is not None and now - started >= after:
                         delivery.announced = True
-                        self.reporter.started(ctx.task)
+                        try:
+                            self.reporter.started(ctx.task)
+                        except Exception as exc:  # the connection closing, say: not fatal
+                            log.warning("could not publish a started event: %r", exc)
 
     # -- shutdown ---------------------------------------------------------------------
 

@@ -158,6 +158,8 @@ class Subscription:
         """
         if self._closed:
             return
+        # nats-py writes the UNSUB itself: what natrio queued (the SUB among it) goes first.
+        self._conn.send_now()
         await self._conn._link.drain(self._sid)
         await self.unsubscribe()
 
@@ -389,12 +391,13 @@ class Connection:
         # Fails requests whose timeout passed, looking at the unanswered ones every
         # interval while there are any (a few hundred at most in flight, where a heap of
         # deadlines costs every request a push and a pop).
-        waiters = self._waiters
         while True:
             await self._sweep_wake.wait()
             self._sweep_wake = trio.Event()
-            while waiters:
+            while self._waiters:
                 await trio.sleep(_SWEEP_INTERVAL)
+                # Read each time: aclose() replaces the dict.
+                waiters = self._waiters
                 now = trio.current_time()
                 expired = [token for token, waiter in waiters.items() if waiter.deadline <= now]
                 for token in expired:
@@ -498,7 +501,10 @@ class Connection:
                 pass  # the subscription is closing
 
         sid, command = self._link.subscribe(subject, queue, deliver)
+        # Written now, not with the scheduler pass: nats-py's own writes (a drain's UNSUB,
+        # a flush's PING) must not pass it.
         self._enqueue(command)
+        self.send_now()
         inbox = _inbox_of(subject, self.inbox_prefix)
         if inbox is not None:
             self._own_inboxes[sid] = inbox
