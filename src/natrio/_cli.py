@@ -925,21 +925,19 @@ def _report_bench(doc: dict[str, Any], directory: Path) -> None:
     console = _console()
     console.print(report.table(doc))
     ratios = doc["ratios"]
-    shown = []
-    drain = [
-        f"natrio/{name[len('drain_natrio_vs_') :]} {value:.2f}x"
-        for name, value in ratios.items()
-        if name.startswith("drain_natrio_vs_")
+    shown = [
+        f"{what} "
+        + ", ".join(
+            f"natrio/{name[len(prefix) :]} {value:.2f}x"
+            for name, value in ratios.items()
+            if name.startswith(prefix)
+        )
+        for what, prefix in (
+            ("drain", "drain_natrio_vs_"),
+            ("round-trip p50", "roundtrip_p50_natrio_vs_"),
+        )
+        if any(name.startswith(prefix) for name in ratios)
     ]
-    if drain:
-        shown.append("drain " + ", ".join(drain))
-    roundtrip = [
-        f"natrio/{name[len('roundtrip_p50_natrio_vs_') :]} {value:.2f}x"
-        for name, value in ratios.items()
-        if name.startswith("roundtrip_p50_natrio_vs_")
-    ]
-    if roundtrip:
-        shown.append("round-trip p50 " + ", ".join(roundtrip))
     skipped = doc.get("skipped") or []
     if skipped:
         console.print(
