@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+
+import trio
 
 import natrio
 from natrio._jetstream import JetStream
@@ -27,3 +30,14 @@ async def consumer_state(
 def loads(data: bytes) -> object:
     """JSON-decode a payload."""
     return json.loads(data)
+
+
+async def eventually(condition: Callable[[], object], *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Wait until ``condition()`` is true, looking every 50 ms; fail after ``timeout``.
+
+    For state that changes on its own schedule elsewhere (the server, another worker's
+    periodic loop), where there is no event to await.
+    """
+    with trio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110 - nothing to await: see above
+            await trio.sleep(0.05)

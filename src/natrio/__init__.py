@@ -35,6 +35,8 @@ from ._errors import (
 from ._model import DeadLetter, Task, TaskError, WorkerInfo
 from ._provision import provision
 from ._retry import RetryPolicy
+from ._routing.limits import RateLimit
+from ._routing.placement import worker_target
 from ._server import EmbeddedServer, connect_or_embed, embedded_server, find_nats_server
 from ._transport import Connection, Message, Subscription, connect
 from ._version import __version__
@@ -58,6 +60,7 @@ __all__ = [
     "NatrioError",
     "NoResponders",
     "PayloadTooLarge",
+    "RateLimit",
     "RequestTimeout",
     "RetryPolicy",
     "Retryable",
@@ -85,4 +88,5 @@ __all__ = [
     "open_worker",
     "provision",
     "run_worker",
+    "worker_target",
 ]

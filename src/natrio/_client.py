@@ -14,11 +14,13 @@ import trio
 
 from . import _wire as wire
 from ._codec import decode, encode
-from ._errors import ConfigurationError, NatrioError, TaskFailed
-from ._jetstream import JetStream
+from ._errors import ConfigurationError, JetStreamError, NatrioError, TaskFailed
+from ._jetstream import CONSUMER_NOT_FOUND, JetStream
 from ._model import DeadLetter, TaskError
 from ._objects import ObjectStore
 from ._retry import RetryPolicy
+from ._routing.partitions import stored_partitions
+from ._routing.placement import check_claim, partition_of, worker_target
 from ._state import StepState
 from ._transport import Connection, Message, Reply, Subscription
 from ._transport.protocol import valid_header_name
@@ -71,6 +73,25 @@ class TaskHandle:
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_type} {self.run_id}/{self.step_id}>"
+
+    async def worker(self) -> str:
+        """The id of the worker that completed the task (waiting for its outcome first)."""
+        message = await self._outcome()
+        worker = message.header(wire.H_WORKER)
+        if not worker:
+            raise NatrioError(f"the outcome of {self!r} does not name its worker")
+        return worker
+
+    async def worker_target(self) -> str:
+        """The claim of the worker that completed the task: ``target=`` this (or
+        ``colocate_with=`` the handle) sends a step to the same worker, or to the next one
+        started under its name."""
+        worker_id = await self.worker()
+        # <worker_name>.<random>@<hostname>; names have no '.' in them.
+        name = worker_id.partition("@")[0].rpartition(".")[0]
+        if not name:
+            raise NatrioError(f"cannot read a worker name from {worker_id[:200]!r}")
+        return worker_target(name)
 
     @overload
     async def result(self, output_type: None = None) -> bytes: ...
@@ -219,12 +240,17 @@ class Client:
     events stream, in case the worker's direct reply was lost.
     """
 
+    #: Seconds after which a task type found unpartitioned is looked up again.
+    PARTITIONS_RECHECK = 2.0
+
     def __init__(
         self, nc: Connection, *, timeout: float = 5.0, check_interval: float = 5.0
     ) -> None:
         self.nc = nc
         self.js = JetStream(nc, timeout=timeout)
         self.check_interval = check_interval
+        # Task type -> (partition count or None, when to look again for a None).
+        self._partitions: dict[str, tuple[int | None, float]] = {}
 
     async def submit(
         self,
@@ -237,6 +263,10 @@ class Client:
         retry: RetryPolicy | None = None,
         deadline: float | timedelta | datetime | None = None,
         headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        target: str | None = None,
+        colocate_with: TaskHandle | None = None,
+        soft: bool = False,
     ) -> TaskHandle:
         """Put a task in the task stream and return its handle.
 
@@ -248,6 +278,12 @@ class Client:
         worker's policy for this task; ``deadline`` is seconds from now, a timedelta or an
         aware datetime. Raises ConfigurationError for invalid names or options and
         PayloadTooLarge when the payload exceeds the server's max_payload.
+
+        Routing (docs/routing.md): a partitioned task type's task goes to the partition
+        of ``key`` (default: the run id, so a run's steps keep their order); ``target``
+        runs it only on a worker holding that claim, ``colocate_with`` on the worker that
+        completed the given handle's task (:func:`natrio.worker_target` of its name);
+        with ``soft`` another worker takes it while no holder of the claim is alive.
         """
         wire.check_name("task type", task_type)
         group = wire.check_name("group", group) if group is not None else wire.DEFAULT_GROUP
@@ -256,6 +292,9 @@ class Client:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         when = _deadline(deadline)
+        placement = await self._placement(
+            task_type, group, run_id, key=key, target=target, colocate_with=colocate_with, soft=soft
+        )
         message_headers: dict[str, str] = {}
         for key, value in (headers or {}).items():
             if (
@@ -284,7 +323,9 @@ class Client:
         if when is not None:
             message_headers[wire.H_DEADLINE] = repr(when)
         ack = await self.js.publish(
-            wire.task_subject(task_type, group, run_id, step_id), payload, headers=message_headers
+            wire.task_subject(task_type, group, run_id, step_id, placement),
+            payload,
+            headers=message_headers,
         )
         duplicate = bool(ack.get("duplicate"))
         return TaskHandle(
@@ -298,6 +339,78 @@ class Client:
             # A duplicate runs nothing new, so no reply will come: read the events instead.
             slot=None if duplicate else slot,
         )
+
+    async def partitions(self, task_type: str) -> int | None:
+        """The partition count stored for ``task_type``, or None when it is not partitioned.
+
+        A count, once stored, never changes while tasks are queued, so it is kept; the
+        absence of one is looked up again after :attr:`PARTITIONS_RECHECK` seconds.
+        """
+        wire.check_name("task type", task_type)
+        cached = self._partitions.get(task_type)
+        now = trio.current_time()
+        if cached is not None and (cached[0] is not None or now < cached[1]):
+            return cached[0]
+        count = await stored_partitions(self.nc, task_type)
+        self._partitions[task_type] = (count, now + self.PARTITIONS_RECHECK)
+        return count
+
+    async def _placement(
+        self,
+        task_type: str,
+        group: str,
+        run_id: str,
+        *,
+        key: str | None,
+        target: str | None,
+        colocate_with: TaskHandle | None,
+        soft: bool,
+    ) -> str | None:
+        if not isinstance(soft, bool):
+            raise ConfigurationError(f"soft must be True or False, got {soft!r}")
+        if key is not None and not isinstance(key, str):
+            raise ConfigurationError(f"key must be a str, got {key!r}")
+        if colocate_with is not None:
+            if target is not None:
+                raise ConfigurationError("give target or colocate_with, not both")
+            if not isinstance(colocate_with, TaskHandle):
+                raise ConfigurationError(
+                    f"colocate_with must be a TaskHandle, got {colocate_with!r}"
+                )
+            target = await colocate_with.worker_target()
+        if target is not None:
+            target = check_claim(target)
+        partitions = await self.partitions(task_type)
+        if partitions is not None:
+            if target is not None:
+                raise ConfigurationError(
+                    f"task type {task_type!r} is partitioned: its tasks go by key, not to a target"
+                )
+            return wire.partition_placement(
+                partition_of(run_id if key is None else key, partitions)
+            )
+        if key is not None:
+            raise ConfigurationError(
+                f"task type {task_type!r} is not partitioned (no partition count is stored): "
+                "a key means nothing for it; provision(partitions=...) or start a "
+                "partitioned worker first"
+            )
+        if target is None:
+            if soft:
+                raise ConfigurationError("soft applies to a target: give target or colocate_with")
+            return None
+        placement = wire.claim_placement(target, soft=soft)
+        # The consumer exists from now on, so the task is visible (waiting for its claim)
+        # even while no worker holding the claim is alive, and a soft one can be taken over.
+        config = wire.consumer_config(task_type, group, 30.0, placement=placement)
+        name = config["durable_name"]
+        try:
+            await self.js.consumer_info(wire.TASK_STREAM, name)
+        except JetStreamError as exc:
+            if exc.err_code != CONSUMER_NOT_FOUND:
+                raise
+            await self.js.ensure_consumer(wire.TASK_STREAM, config)
+        return placement
 
     def stream(self, run_id: str, step_id: str) -> StepStream:
         """The streamed output of a step, until the step ends (see :class:`StepStream`)."""

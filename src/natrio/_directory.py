@@ -39,16 +39,21 @@ async def list_workers(nc: Connection) -> list[WorkerInfo]:
 
 
 class Registration:
-    """One worker's entry: written at start, refreshed on a heartbeat, deleted at stop."""
+    """One worker's entry: written at start, refreshed on a heartbeat (and whenever what it
+    holds changes), deleted at stop."""
 
     def __init__(self, nc: Connection, key: str, describe: Callable[[], WorkerInfo]) -> None:
         self.kv = _bucket(nc)
         self.key = key
         self.describe = describe
         self.interval = 5.0
+        self.ttl = 0.0
+        self.registered = False
+        self._soon = trio.Event()
 
-    async def register(self) -> None:
-        """Write the entry; the heartbeat interval becomes a third of the bucket's TTL."""
+    async def prepare(self) -> float:
+        """Check that the bucket exists; its TTL (0: none). The heartbeat interval becomes
+        a third of it."""
         try:
             info: dict[str, Any] = await self.kv.js.stream_info(self.kv.stream)
         except JetStreamError as exc:
@@ -57,20 +62,36 @@ class Registration:
                     f"the {wire.WORKERS_BUCKET} bucket does not exist: run natrio.provision() first"
                 ) from None
             raise
-        ttl = info["config"].get("max_age", 0) / _NS
-        if ttl > 0:
-            self.interval = ttl / 3
+        self.ttl = info["config"].get("max_age", 0) / _NS
+        if self.ttl > 0:
+            self.interval = self.ttl / 3
+        return self.ttl
+
+    async def register(self) -> None:
+        """Write the entry."""
         await self.kv.put(self.key, self.describe().to_json())
+        self.registered = True
+
+    async def refresh(self) -> None:
+        """Write the entry as it is now."""
+        await self.kv.put(self.key, self.describe().to_json())
+
+    def refresh_soon(self) -> None:
+        """Have the heartbeat write the entry now rather than at its next beat."""
+        self._soon.set()
 
     async def heartbeat(self) -> None:
         """Refresh the entry every interval until cancelled; a failed refresh is retried next time."""
         while True:
-            await trio.sleep(self.interval)
+            with trio.move_on_after(self.interval):
+                await self._soon.wait()
+            self._soon = trio.Event()
             try:
-                await self.kv.put(self.key, self.describe().to_json())
+                await self.refresh()
             except NatrioError as exc:
                 log.warning("directory heartbeat failed: %r", exc)
 
     async def deregister(self) -> None:
         """Delete the entry."""
+        self.registered = False
         await self.kv.delete(self.key)

@@ -23,6 +23,7 @@ STREAM_NOT_FOUND = 10059
 STREAM_NAME_IN_USE = 10058
 CONSUMER_NOT_FOUND = 10014
 MESSAGE_NOT_FOUND = 10037
+WRONG_LAST_SEQUENCE = 10071
 
 log = logging.getLogger("natrio.jetstream")
 
@@ -164,6 +165,16 @@ class JetStream:
         """The consumer's config and state (delivered, ack pending, waiting pulls)."""
         return await self.api(f"CONSUMER.INFO.{stream}.{name}")
 
+    async def consumers(self, stream: str) -> list[dict[str, Any]]:
+        """The info of every consumer of ``stream`` (paged through, 256 at a time)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = await self.api(f"CONSUMER.LIST.{stream}", {"offset": len(found)})
+            batch = page.get("consumers") or []
+            found.extend(batch)
+            if not batch or len(found) >= int(page.get("total") or 0):
+                return found
+
     async def delete_consumer(self, stream: str, name: str) -> None:
         """Delete a consumer; a missing one is not an error."""
         try:
@@ -206,6 +217,19 @@ class KeyValue:
         """Store ``value`` under ``key``; returns the revision."""
         ack = await self.js.publish(self._subject(key), value)
         return int(ack["seq"])
+
+    async def create(self, key: str, value: bytes) -> bool:
+        """Store ``value`` under ``key`` only if the key has never been written (or was
+        purged); False when it already has a value, which is left as it is."""
+        try:
+            await self.js.publish(
+                self._subject(key), value, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
+            )
+        except JetStreamError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        return True
 
     async def get(self, key: str) -> bytes | None:
         """The current value of ``key``, or None when absent, deleted or expired."""

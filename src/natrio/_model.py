@@ -44,7 +44,9 @@ class Task:
     task, if any; ``reply`` the subject a waiting client listens on, if any (only inbox
     subjects: see docs/guarantees.md); ``iteration`` counts agent-loop iterations from 1;
     ``resumed`` is true on the first delivery after a pause; ``started_at`` is the Unix time
-    this execution began (None for a task handed back without running).
+    this execution began (None for a task handed back without running); ``placement`` is
+    where it was routed: ``p<k>`` in partition k, ``t<claim>`` or ``s<claim>`` for a
+    target (see :attr:`partition` and :attr:`target`), None for neither.
     """
 
     task_type: str
@@ -62,6 +64,21 @@ class Task:
     resumed: bool = False
     delivered: int = 0
     started_at: float | None = None
+    placement: str | None = None
+
+    @property
+    def partition(self) -> int | None:
+        """The partition the task ran in, or None when its type is not partitioned."""
+        if self.placement is not None and self.placement[0] == "p":
+            return int(self.placement[1:])
+        return None
+
+    @property
+    def target(self) -> str | None:
+        """The claim the task was sent to, or None when it was not targeted."""
+        if self.placement is not None and self.placement[0] in "ts":
+            return self.placement[1:]
+        return None
 
     @property
     def retry_count(self) -> int:
@@ -180,6 +197,15 @@ class WorkerInfo:
     in_flight: int = 0
     processed: int = 0
     failed: int = 0
+    #: The claims it holds (targeted tasks for these run here), its own name's included.
+    claims: tuple[str, ...] = ()
+    #: The partitions it holds, by ``<task_type>/<group>``.
+    partitions: Mapping[str, tuple[int, ...]] = attrs.field(factory=dict)
+    #: Per task type, what bounds it across the deployment: ``partitions``,
+    #: ``max_in_flight`` (1 for a singleton).
+    routing: Mapping[str, Mapping[str, int]] = attrs.field(factory=dict)
+    #: True from the moment it begins to stop: it takes no new partitions or claims.
+    stopping: bool = False
 
     def to_json(self) -> bytes:
         """The entry as stored."""
@@ -187,10 +213,21 @@ class WorkerInfo:
 
     @classmethod
     def from_json(cls, raw: bytes) -> WorkerInfo:
-        """Read a stored entry."""
+        """Read a stored entry (fields it does not know, from a newer natrio, are ignored)."""
         data = json.loads(raw)
+        known = {field.name for field in attrs.fields(cls)}
+        data = {key: value for key, value in data.items() if key in known}
         data["task_types"] = tuple(data["task_types"])
         data["groups"] = tuple(data["groups"])
+        data["claims"] = tuple(data.get("claims") or ())
+        data["partitions"] = {
+            str(key): tuple(int(p) for p in value)
+            for key, value in (data.get("partitions") or {}).items()
+        }
+        data["routing"] = {
+            str(key): {str(k): int(v) for k, v in value.items()}
+            for key, value in (data.get("routing") or {}).items()
+        }
         return cls(**data)
 
 

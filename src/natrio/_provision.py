@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from . import _wire as wire
 from ._errors import ConfigurationError
 from ._jetstream import JetStream
 from ._objects import object_stream_config
+from ._routing.limits import counter_stream_config
+from ._routing.partitions import store_partitions
+from ._routing.placement import check_partitions
 from ._transport import Connection
 
 _NS = 1_000_000_000
@@ -19,6 +23,13 @@ def _seconds(name: str, value: float, *, allow_zero: bool = True) -> int:
             f"provision: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}"
         )
     return int(value * _NS)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    numbers = []
+    for part in text.lstrip("v").split("-")[0].split(".")[:3]:
+        numbers.append(int(part) if part.isdigit() else 0)
+    return tuple(numbers)
 
 
 def kv_stream_config(bucket: str, *, ttl: float, replicas: int, storage: str) -> dict[str, Any]:
@@ -51,6 +62,7 @@ async def provision(
     events_max_age: float = 7 * 86400.0,
     dead_letter_max_age: float = 30 * 86400.0,
     worker_ttl: float = 15.0,
+    partitions: Mapping[str, int] | None = None,
 ) -> None:
     """Create or update natrio's streams and KV buckets; safe to call any number of times.
 
@@ -64,7 +76,11 @@ async def provision(
       their entry, kept as long as the entries.
     - KV ``natrio_workers``: the worker directory; an entry expires ``worker_ttl`` seconds
       after its last heartbeat. KV ``natrio_checkpoints``, ``natrio_signals`` and
-      ``natrio_groups`` are created too (no expiry).
+      ``natrio_groups`` are created too (no expiry), and KV ``natrio_routing``, where
+      ``partitions`` (task type to partition count, 1-256) is stored once: a count that
+      differs from the stored one raises ConfigurationError.
+    - ``NATRIO_COUNTERS`` (``natrio.counter.>``): counters of cluster-wide rate limits
+      (a counter stream: nats-server 2.12 or later; skipped on an older server).
 
     ``replicas`` (1-5) and ``storage`` (``"file"`` or ``"memory"``) apply to all of them.
     """
@@ -119,5 +135,15 @@ async def provision(
     await js.ensure_stream(
         kv_stream_config(wire.WORKERS_BUCKET, ttl=worker_ttl, replicas=replicas, storage=storage)
     )
-    for bucket in (wire.CHECKPOINTS_BUCKET, wire.SIGNALS_BUCKET, wire.GROUPS_BUCKET):
+    for bucket in (
+        wire.CHECKPOINTS_BUCKET,
+        wire.SIGNALS_BUCKET,
+        wire.GROUPS_BUCKET,
+        wire.ROUTING_BUCKET,
+    ):
         await js.ensure_stream(kv_stream_config(bucket, ttl=0, replicas=replicas, storage=storage))
+    if _version(nc.server_version) >= (2, 12):
+        await js.ensure_stream(counter_stream_config(replicas=replicas, storage=storage))
+    for task_type, count in (partitions or {}).items():
+        wire.check_name("task type", task_type)
+        await store_partitions(nc, task_type, check_partitions(count, f"partitions[{task_type!r}]"))

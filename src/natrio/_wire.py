@@ -3,6 +3,10 @@
 Subject layout (``<...>`` are tokens, each validated by :func:`check_name` or :func:`check_id`)::
 
     natrio.task.<task_type>.<group>.<run_id>.<step_id>      task stream (work queue)
+    natrio.task.<task_type>.<group>~<placement>.<run_id>.<step_id>
+                                                            a placed task: ``p<k>`` in
+                                                            partition k, ``t<claim>`` for
+                                                            a claim, ``s<claim>`` soft
     natrio.event.<task_type>.<run_id>.<step_id>.<kind>      events stream
     natrio.dead.<task_type>.<group>.<run_id>.<step_id>      dead-letter stream
     natrio.stream.<run_id>.<step_id>                        step output (core NATS)
@@ -10,9 +14,14 @@ Subject layout (``<...>`` are tokens, each validated by :func:`check_name` or :f
     KV natrio_checkpoints   <run_id>.<step_id>              a step's checkpoint
                             <run_id>.<step_id>.pause        a task message's pause record
     KV natrio_signals       <run_id>.<signal name>          a run's signals
+    KV natrio_routing       partitions.<task_type>          a task type's partition count
+    natrio.counter.rate.<task_type>.<key>.<window>         cluster rate-limit counters
 
 One durable consumer serves one (task type, group) pair; its name is
-``<task_type>~<group>``, and ``~`` is not allowed inside names so it cannot collide.
+``<task_type>~<group>``, and ``~`` is not allowed inside names so it cannot collide. A
+placed task's consumer is ``<task_type>~<group>~<placement>``: its filter differs from the
+plain one in the group token, so the two never overlap (a work-queue stream refuses
+consumers whose filters overlap).
 """
 
 from __future__ import annotations
@@ -34,6 +43,13 @@ SIGNALS_BUCKET: Final = "natrio_signals"
 GROUPS_BUCKET: Final = "natrio_groups"
 #: Object store bucket for dead-letter inputs too large to sit in their entry.
 DEAD_INPUTS_BUCKET: Final = "natrio_dead_inputs"
+#: KV bucket of routing facts every worker and client must agree on (partition counts).
+ROUTING_BUCKET: Final = "natrio_routing"
+#: The stream of cluster-wide rate-limit counters (``allow_msg_counter``).
+COUNTER_STREAM: Final = "NATRIO_COUNTERS"
+
+#: The most partitions a task type may have.
+MAX_PARTITIONS: Final = 256
 
 DEFAULT_GROUP: Final = "default"
 
@@ -93,34 +109,69 @@ def check_id(kind: str, value: object) -> str:
     return value
 
 
-def task_subject(task_type: str, group: str, run_id: str, step_id: str) -> str:
+def partition_placement(partition: int) -> str:
+    """The placement of partition ``partition`` (0-based)."""
+    return f"p{partition}"
+
+
+def claim_placement(claim: str, *, soft: bool = False) -> str:
+    """The placement of a task for workers holding ``claim`` (``soft``: or anyone, when
+    nobody holding it is alive)."""
+    return f"{'s' if soft else 't'}{claim}"
+
+
+def group_token(group: str, placement: str | None = None) -> str:
+    """The group token of a task subject: the group, with its placement if it has one."""
+    return f"{group}~{placement}" if placement else group
+
+
+def task_subject(
+    task_type: str, group: str, run_id: str, step_id: str, placement: str | None = None
+) -> str:
     """The subject a task is published on."""
-    return f"{PREFIX}.task.{task_type}.{group}.{run_id}.{step_id}"
+    return f"{PREFIX}.task.{task_type}.{group_token(group, placement)}.{run_id}.{step_id}"
 
 
-def task_filter(task_type: str, group: str) -> str:
-    """The filter of the consumer serving one task type in one group."""
-    return f"{PREFIX}.task.{task_type}.{group}.>"
+def task_filter(task_type: str, group: str, placement: str | None = None) -> str:
+    """The filter of the consumer serving one task type in one group (and placement)."""
+    return f"{PREFIX}.task.{task_type}.{group_token(group, placement)}.>"
 
 
-def consumer_config(task_type: str, group: str, ack_wait: float) -> dict[str, Any]:
-    """The durable consumer serving one task type in one group, as workers create it."""
+def consumer_config(
+    task_type: str,
+    group: str,
+    ack_wait: float,
+    *,
+    placement: str | None = None,
+    max_ack_pending: int = -1,
+) -> dict[str, Any]:
+    """The durable consumer serving one task type in one group, as workers create it.
+
+    ``max_ack_pending`` bounds the tasks in flight across every worker pulling it: 1 for
+    a partition or a singleton, whose next task the server then withholds until the
+    previous one is settled, whoever pulls.
+    """
     return {
-        "durable_name": consumer_name(task_type, group),
-        "filter_subject": task_filter(task_type, group),
+        "durable_name": consumer_name(task_type, group, placement),
+        "filter_subject": task_filter(task_type, group, placement),
         "ack_policy": "explicit",
         "ack_wait": int(ack_wait * 1_000_000_000),
         # Retries are the worker's decision (RetryPolicy), not the server's.
         "max_deliver": -1,
-        "max_ack_pending": -1,
+        "max_ack_pending": max_ack_pending,
         "deliver_policy": "all",
         "replay_policy": "instant",
     }
 
 
-def consumer_name(task_type: str, group: str) -> str:
-    """The durable consumer name for one task type in one group."""
-    return f"{task_type}~{group}"
+def consumer_name(task_type: str, group: str, placement: str | None = None) -> str:
+    """The durable consumer name for one task type in one group (and placement)."""
+    return f"{task_type}~{group_token(group, placement)}"
+
+
+def partitions_key(task_type: str) -> str:
+    """The routing-bucket key holding a task type's partition count."""
+    return f"partitions.{task_type}"
 
 
 def event_subject(task_type: str, run_id: str, step_id: str, kind: str) -> str:
@@ -169,11 +220,14 @@ def outcome_msg_id(kind: str, task_type: str, run_id: str, step_id: str, task_se
 
 
 def parse_task_subject(subject: str) -> tuple[str, str, str, str] | None:
-    """Split a task subject into (task_type, group, run_id, step_id), or None if malformed."""
+    """Split a task subject into (task_type, group, run_id, step_id), or None if malformed.
+
+    The group is the plain group, without a placement.
+    """
     parts = subject.split(".")
     if len(parts) != 6 or parts[0] != PREFIX or parts[1] != "task":
         return None
-    return parts[2], parts[3], parts[4], parts[5]
+    return parts[2], parts[3].partition("~")[0], parts[4], parts[5]
 
 
 def parse_ack_subject(reply: str) -> tuple[int, int]:

@@ -21,15 +21,19 @@ import trio
 
 from . import _wire as wire
 from ._codec import decode
-from ._consumer import PullConsumer
 from ._context import TaskContext
 from ._directory import Registration
 from ._dispatch import Dispatcher, DispatcherStatistics, Handler, Route, StepHooks
 from ._errors import ConfigurationError, ConnectionClosed, DecodeError, Fatal, NatrioError
-from ._jetstream import JetStream
 from ._model import WorkerInfo
 from ._outcomes import Reporter, now_iso
 from ._retry import RetryPolicy
+from ._routing.claims import ClaimCoordinator
+from ._routing.consumers import ConsumerSet
+from ._routing.limits import RateLimit
+from ._routing.members import Membership
+from ._routing.partitions import PartitionCoordinator, store_partitions, stored_partitions
+from ._routing.placement import check_claims, check_partitions, worker_target
 from ._transport import Connection
 from ._util import single_error
 from ._version import __version__
@@ -39,6 +43,9 @@ log = logging.getLogger("natrio.worker")
 
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+#: What ``Worker(claims=...)`` takes: claim names, or a function returning them.
+Claims = Iterable[str] | Callable[[], Iterable[str] | Awaitable[Iterable[str]]]
 
 
 def _positive(name: str) -> Callable[[Any, Any, float], None]:
@@ -59,12 +66,19 @@ def _check_async(task_type: str, fn: object) -> None:
 
 @attrs.define
 class WorkerStatistics:
-    """A snapshot of a worker: its dispatcher's counters and each consumer's window."""
+    """A snapshot of a worker: its dispatcher's counters, each consumer's window, and what
+    it holds of the deployment's partitions and claims."""
 
     worker_id: str
     running: bool
     dispatcher: DispatcherStatistics
     consumers: dict[str, dict[str, int]]
+    #: The partitions held, by ``<task_type>/<group>``.
+    partitions: dict[str, tuple[int, ...]] = attrs.field(factory=dict)
+    #: The claims held, this worker's own name's included.
+    claims: tuple[str, ...] = ()
+    #: Tasks waiting for a claim no live worker holds, by consumer name (as last looked).
+    waiting_for_claims: dict[str, int] = attrs.field(factory=dict)
 
 
 class Worker:
@@ -100,6 +114,13 @@ class Worker:
       so that its full collections only walk what was made since; unfrozen when the
       worker stops (default True; see docs/performance.md).
 
+    - ``partitions``: the partition count of every handler registered without one of
+      its own (see :meth:`handle` and docs/routing.md).
+    - ``claims``: names of claims this worker holds, so that tasks submitted with
+      ``target=`` one of them run here: a list, or a function (plain or async) returning
+      the list, called every 2 s. Every worker also holds
+      :func:`natrio.worker_target` of its name.
+
     Invalid options raise ConfigurationError here, invalid registrations in
     :meth:`handle`.
     """
@@ -121,6 +142,8 @@ class Worker:
         hook_timeout: float = 10.0,
         started_event_after: float | None = 1.0,
         freeze_gc: bool = True,
+        partitions: int | None = None,
+        claims: Claims | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -178,6 +201,15 @@ class Worker:
             )
         self.started_event_after = started_event_after
         self.freeze_gc = bool(freeze_gc)
+        self.partitions = None if partitions is None else check_partitions(partitions)
+        self._claims_source: Callable[[], Any] | None = None
+        self._static_claims: tuple[str, ...] = ()
+        if callable(claims):
+            self._claims_source = claims
+        elif claims is not None:
+            if isinstance(claims, str | bytes):
+                raise ConfigurationError("claims must be a list of names, not a string")
+            self._static_claims = check_claims(list(claims))
         self._routes: dict[str, Route] = {}
         self._token = secrets.token_hex(6)
         self._hostname = socket.gethostname()
@@ -185,7 +217,10 @@ class Worker:
         self._grace: float | None = None
         self._running = False
         self._dispatcher: Dispatcher | None = None
-        self._consumers: list[PullConsumer] = []
+        self._consumer_set: ConsumerSet | None = None
+        self._partitions: PartitionCoordinator | None = None
+        self._claims: ClaimCoordinator | None = None
+        self._stopping = False
         self._started_at = ""
 
     # -- identity ---------------------------------------------------------------------
@@ -245,6 +280,35 @@ class Worker:
             or max_iterations < 1
         ):
             raise ConfigurationError(f"max_iterations must be an int >= 1, got {max_iterations!r}")
+        partitions = options.get("partitions")
+        if partitions is None:
+            partitions = self.partitions
+        singleton = options.get("singleton", False)
+        if not isinstance(singleton, bool):
+            raise ConfigurationError(f"singleton must be True or False, got {singleton!r}")
+        max_in_flight = options.get("max_in_flight")
+        if max_in_flight is not None and (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ConfigurationError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        if singleton:
+            if max_in_flight not in (None, 1):
+                raise ConfigurationError("a singleton runs one at a time: drop max_in_flight")
+            if options.get("partitions") is not None:
+                raise ConfigurationError("a singleton cannot be partitioned")
+            max_in_flight, partitions = 1, None
+        if partitions is not None:
+            check_partitions(partitions)
+            if max_in_flight is not None:
+                raise ConfigurationError(
+                    "a partitioned task type runs one task per partition at a time: "
+                    "drop max_in_flight (or use fewer partitions)"
+                )
+        rate_limit = options.get("rate_limit")
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise ConfigurationError(f"rate_limit must be a natrio.RateLimit, got {rate_limit!r}")
         self._routes[task_type] = Route(
             task_type=task_type,
             handler=handler,
@@ -253,6 +317,9 @@ class Worker:
             timeout=None if timeout is None else float(timeout),
             max_iterations=max_iterations,
             keep_checkpoint=bool(options.get("keep_checkpoint", False)),
+            partitions=partitions,
+            max_in_flight=max_in_flight,
+            rate_limit=rate_limit,
         )
 
     @overload
@@ -266,6 +333,10 @@ class Worker:
         timeout: float | None = None,
         max_iterations: int = 100,
         keep_checkpoint: bool = False,
+        partitions: int | None = None,
+        singleton: bool = False,
+        max_in_flight: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> Callable[[H], H]: ...
 
     @overload
@@ -279,6 +350,10 @@ class Worker:
         timeout: float | None = None,
         max_iterations: int = 100,
         keep_checkpoint: bool = False,
+        partitions: int | None = None,
+        singleton: bool = False,
+        max_in_flight: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> H: ...
 
     def handle(
@@ -291,6 +366,10 @@ class Worker:
         timeout: float | None = None,
         max_iterations: int = 100,
         keep_checkpoint: bool = False,
+        partitions: int | None = None,
+        singleton: bool = False,
+        max_in_flight: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> H | Callable[[H], H]:
         """Register ``async def fn(ctx) -> bytes | None | value`` for ``task_type``.
 
@@ -300,11 +379,22 @@ class Worker:
         ``timeout`` (seconds) fails an execution that runs longer (kind ``timeout``,
         retryable); ``max_iterations`` bounds an agent loop (``ctx.continue_with``);
         ``keep_checkpoint`` keeps the step's checkpoint after its terminal outcome.
+
+        Routing (docs/routing.md): ``partitions`` (1-256; default the worker's) spreads the
+        task type over that many partitions whose tasks run one at a time, in order,
+        each on one live worker; ``singleton`` runs one execution of the task type at a
+        time across the deployment; ``max_in_flight`` bounds its executions at once
+        across the deployment; ``rate_limit`` (a :class:`natrio.RateLimit`) bounds how
+        many start per period, a task over the limit waiting without using an attempt.
         """
         options = {
             "timeout": timeout,
             "max_iterations": max_iterations,
             "keep_checkpoint": keep_checkpoint,
+            "partitions": partitions,
+            "singleton": singleton,
+            "max_in_flight": max_in_flight,
+            "rate_limit": rate_limit,
         }
 
         def register(fn: H) -> H:
@@ -325,6 +415,10 @@ class Worker:
         timeout: float | None = None,
         max_iterations: int = 100,
         keep_checkpoint: bool = False,
+        partitions: int | None = None,
+        singleton: bool = False,
+        max_in_flight: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> Callable[[H], H]: ...
 
     @overload
@@ -338,6 +432,10 @@ class Worker:
         timeout: float | None = None,
         max_iterations: int = 100,
         keep_checkpoint: bool = False,
+        partitions: int | None = None,
+        singleton: bool = False,
+        max_in_flight: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> H: ...
 
     def handle_typed(
@@ -350,6 +448,10 @@ class Worker:
         timeout: float | None = None,
         max_iterations: int = 100,
         keep_checkpoint: bool = False,
+        partitions: int | None = None,
+        singleton: bool = False,
+        max_in_flight: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> H | Callable[[H], H]:
         """Register ``async def fn(ctx, value: In) -> Out`` for ``task_type``.
 
@@ -362,6 +464,10 @@ class Worker:
             "timeout": timeout,
             "max_iterations": max_iterations,
             "keep_checkpoint": keep_checkpoint,
+            "partitions": partitions,
+            "singleton": singleton,
+            "max_in_flight": max_in_flight,
+            "rate_limit": rate_limit,
         }
 
         def register(fn: H) -> H:
@@ -385,6 +491,15 @@ class Worker:
 
     def _describe(self) -> WorkerInfo:
         stats = self._dispatcher.statistics() if self._dispatcher else None
+        routing: dict[str, dict[str, int]] = {}
+        for route in self._routes.values():
+            bounds = {}
+            if route.partitions is not None:
+                bounds["partitions"] = route.partitions
+            if route.max_in_flight is not None:
+                bounds["max_in_flight"] = route.max_in_flight
+            if bounds:
+                routing[route.task_type] = bounds
         return WorkerInfo(
             worker_id=self.worker_id,
             worker_name=self.worker_name,
@@ -398,21 +513,33 @@ class Worker:
             in_flight=stats.in_flight if stats else 0,
             processed=stats.processed if stats else 0,
             failed=stats.dead if stats else 0,
+            claims=self._claims.held if self._claims else (),
+            partitions=dict(self._partitions.held) if self._partitions else {},
+            routing=routing,
+            stopping=self._stopping,
         )
+
+    @property
+    def claims(self) -> tuple[str, ...]:
+        """The claims this worker holds now (its own name's included), sorted."""
+        return self._claims.held if self._claims else ()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve tasks until :meth:`stop` is called or the enclosing scope is cancelled.
 
         Signals ``task_status.started()`` once every consumer is pulling and the worker
-        is in the directory. Either way of stopping is bounded: pulling stops, queued tasks
-        are NAK'd at once, running handlers get the grace period and are then cancelled
-        and NAK'd, the directory entry is deleted; ``run`` returns within grace + 1 s.
+        is in the directory (and holds its partitions and claims). Either way of stopping
+        is bounded: the worker marks itself stopping in the directory (its partitions move
+        at once), pulling stops, queued tasks are NAK'd at once, running handlers get the
+        grace period and are then cancelled and NAK'd, the directory entry is deleted;
+        ``run`` returns within grace + 1 s.
         """
         if not self._routes:
             raise ConfigurationError("the worker has no handlers: register one before run()")
         if self._running:
             raise NatrioError("this worker is already running")
         self._running = True
+        self._stopping = False
         self._started_at = now_iso()
         reporter = Reporter(self.nc, self.worker_id)
         dispatcher = Dispatcher(
@@ -426,27 +553,10 @@ class Worker:
             started_event_after=self.started_event_after,
         )
         self._dispatcher = dispatcher
-        js = JetStream(self.nc)
         registration = Registration(self.nc, self._token, self._describe)
-        consumers: list[PullConsumer] = []
-        for route in self._routes.values():
-            for group in self.groups:
-                config = wire.consumer_config(route.task_type, group, route.ack_wait)
-
-                async def recreate(config: dict[str, Any] = config) -> None:
-                    await js.ensure_consumer(wire.TASK_STREAM, config)
-
-                await recreate()
-                consumer = PullConsumer(
-                    self.nc,
-                    stream=wire.TASK_STREAM,
-                    name=config["durable_name"],
-                    window=self.prefetch,
-                    recreate=recreate,
-                )
-                consumer.sink = dispatcher.sink(route, group, consumer)
-                consumers.append(consumer)
-        self._consumers = consumers
+        membership = Membership(self.nc)
+        consumers = ConsumerSet(self.nc, dispatcher, window=self.prefetch)
+        self._consumer_set = consumers
         failing = False
         if self.freeze_gc:
             # What exists now (modules, classes, handlers, configuration) mostly lives as
@@ -460,11 +570,34 @@ class Worker:
             with single_error():
                 async with trio.open_nursery() as nursery:
                     try:
+                        ttl = await registration.prepare()
+                        await nursery.start(membership.run)
+                        plan = await self._plan(membership, ttl)
                         await nursery.start(dispatcher.run)
                         nursery.start_soon(self._watch_for_faults, dispatcher)
-                        for consumer in consumers:
-                            await nursery.start(consumer.run)
+                        await nursery.start(consumers.run)
+                        for route, group, max_ack_pending, window in plan.plain:
+                            await consumers.add(
+                                route, group, None, max_ack_pending=max_ack_pending, window=window
+                            )
+                        self._partitions = PartitionCoordinator(
+                            plan.partitioned, consumers, membership, worker_id=self.worker_id
+                        )
+                        self._claims = ClaimCoordinator(
+                            plan.targetable,
+                            consumers,
+                            membership,
+                            worker_id=self.worker_id,
+                            own_claim=worker_target(self.worker_name),
+                            static_claims=self._static_claims,
+                            source=self._claims_source,
+                            on_change=registration.refresh_soon,
+                        )
+                        await self._claims.refresh_claims()
                         await registration.register()
+                        await membership.refresh()
+                        await nursery.start(self._partitions.run)
+                        await nursery.start(self._claims.run)
                         nursery.start_soon(registration.heartbeat)
                         log.info("worker %s serving %s", self.worker_id, ", ".join(self.task_types))
                         task_status.started()
@@ -489,6 +622,46 @@ class Worker:
             self._stop = trio.Event()
             self._grace = None
 
+    async def _plan(self, membership: Membership, ttl: float) -> _Plan:
+        # What to pull: checked against what the deployment already agreed on, before
+        # anything is pulled.
+        plan = _Plan()
+        for task_type, route in list(self._routes.items()):
+            stored = await stored_partitions(self.nc, task_type)
+            if route.partitions is not None:
+                await store_partitions(self.nc, task_type, route.partitions)
+                if ttl > 0 and route.ack_wait > ttl:
+                    # A killed member's running task holds its partition until the ack
+                    # wait passes: no longer than its entry takes to expire.
+                    route = attrs.evolve(route, ack_wait=ttl)
+                    self._routes[task_type] = route
+                plan.partitioned.extend((route, group) for group in self.groups)
+                continue
+            if stored is not None:
+                raise ConfigurationError(
+                    f"task type {task_type!r} has {stored} partitions: register its handler "
+                    f"with partitions={stored}"
+                )
+            for group in self.groups:
+                self._check_bound(membership, route, group)
+                bound = route.max_in_flight or -1
+                window = min(self.prefetch, route.max_in_flight or self.prefetch)
+                plan.plain.append((route, group, bound, window))
+                plan.targetable.append((route, group))
+        return plan
+
+    def _check_bound(self, membership: Membership, route: Route, group: str) -> None:
+        # A bound across the deployment holds only if every worker pulls with it.
+        mine = route.max_in_flight
+        for other in membership.serving(route.task_type, group):
+            theirs = other.routing.get(route.task_type, {}).get("max_in_flight")
+            if theirs != mine:
+                raise ConfigurationError(
+                    f"worker {other.worker_id} serves {route.task_type!r} in {group!r} with "
+                    f"max_in_flight={theirs} (singleton: 1), this worker with {mine}: stop "
+                    "every worker of the task type before changing it"
+                )
+
     async def _watch_for_faults(self, dispatcher: Dispatcher) -> None:
         # Faults the worker cannot survive end run() with the error (after the bounded
         # shutdown), never a worker that stays registered and serves nothing.
@@ -508,7 +681,7 @@ class Worker:
     async def _shutdown(
         self,
         dispatcher: Dispatcher,
-        consumers: list[PullConsumer],
+        consumers: ConsumerSet,
         registration: Registration,
         *,
         grace: float | None = None,
@@ -519,11 +692,22 @@ class Worker:
         # From here on every arriving message is NAK'd at once. The steps below are bounded
         # so that the whole shutdown takes at most grace + 1 s.
         dispatcher.stopping = True
-        for consumer in consumers:
+        self._stopping = True
+        live = consumers.close()
+        for consumer in live:
             consumer.stop_pulling()
+        if registration.registered:
+            # Marked stopping, the others take its partitions and claims now, not when its
+            # entry is gone after the grace (the server still withholds a partition's next
+            # task until the one this worker runs is settled).
+            with trio.move_on_after(0.15):
+                try:
+                    await registration.refresh()
+                except NatrioError as exc:
+                    log.warning("could not mark the directory entry stopping: %r", exc)
         with trio.move_on_after(0.2):
             async with trio.open_nursery() as nursery:
-                for consumer in consumers:
+                for consumer in live:
                     nursery.start_soon(consumer.stop)
         await dispatcher.shutdown(grace)
         with trio.move_on_after(0.15):
@@ -547,17 +731,31 @@ class Worker:
         self._stop.set()
 
     def statistics(self) -> WorkerStatistics:
-        """A snapshot of the dispatcher's counters and each consumer's window."""
+        """A snapshot of the dispatcher's counters, each consumer's window, and the
+        partitions and claims held."""
         if self._dispatcher is not None:
             counters = self._dispatcher.statistics()
         else:
             counters = DispatcherStatistics(self.concurrency, 0, 0, 0, 0, 0, 0)
+        live = self._consumer_set.live() if self._consumer_set is not None else []
         return WorkerStatistics(
             worker_id=self.worker_id,
             running=self._running,
             dispatcher=counters,
-            consumers={c.name: c.statistics() for c in self._consumers},
+            consumers={c.name: c.statistics() for c in live},
+            partitions=dict(self._partitions.held) if self._partitions else {},
+            claims=self.claims,
+            waiting_for_claims=dict(self._claims.waiting) if self._claims else {},
         )
+
+
+@attrs.define
+class _Plan:
+    # (route, group, max_ack_pending, window) of each consumer without a placement.
+    plain: list[tuple[Route, str, int, int]] = attrs.field(factory=list)
+    # (route, group) of each partitioned route and of each route that takes targets.
+    partitioned: list[tuple[Route, str]] = attrs.field(factory=list)
+    targetable: list[tuple[Route, str]] = attrs.field(factory=list)
 
 
 def _input_type(task_type: str, fn: Callable[..., Any]) -> Any:

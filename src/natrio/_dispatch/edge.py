@@ -28,8 +28,9 @@ MAX_DEADLINE: Final = 1e11
 
 _ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
 # A valid task subject in one match; the slower checks below only say why one is not.
+# The group token is the group, or ``<group>~<placement>`` for a placed task.
 _TASK_SUBJECT = re.compile(
-    r"natrio\.task\.([A-Za-z0-9_-]{1,64})\.([A-Za-z0-9_-]{1,64})"
+    r"natrio\.task\.([A-Za-z0-9_-]{1,64})\.([A-Za-z0-9_-]{1,64}(?:~[pts][A-Za-z0-9_-]{1,64})?)"
     r"\.([A-Za-z0-9_=-]{1,128})\.([A-Za-z0-9_=-]{1,128})"
 )
 _NUMBER = re.compile(r"[0-9]{1,12}(\.[0-9]{1,17})?")
@@ -139,7 +140,8 @@ def read_task(
 ) -> Task:
     """The task in ``msg``, delivered by the consumer of ``task_type`` in ``group``.
 
-    Raises MalformedTask naming the first rule the message breaks. ``reply`` is set only
+    ``group`` is the group token the consumer filters on: the group, or
+    ``<group>~<placement>`` for a consumer of placed tasks. Raises MalformedTask naming the first rule the message breaks. ``reply`` is set only
     for a ``Natrio-Reply`` under ``inbox_prefix``. ``position`` is the message's
     :func:`ack_position` when the caller has read it already; ``started_at`` becomes the
     task's (the Unix time its execution begins).
@@ -156,6 +158,7 @@ def read_task(
     if match[1] != task_type or match[2] != group:
         raise MalformedTask(f"subject {subject[:200]!r} is not for {task_type} in {group}")
     run_id, step_id = match[3], match[4]
+    plain_group, _, placement = group.partition("~")
     headers = msg.headers or {}
     retry = None
     deadline = None
@@ -189,7 +192,8 @@ def read_task(
             reply = reply_target(check_reply(text), inbox_prefix)
     return Task(
         task_type=task_type,
-        group=group,
+        group=plain_group,
+        placement=placement or None,
         run_id=run_id,
         step_id=step_id,
         input=msg.data,

@@ -37,6 +37,12 @@ class Route:
     timeout: float | None = None
     max_iterations: int = 100
     keep_checkpoint: bool = False
+    #: Partitions of the task type (per-key order), or None.
+    partitions: int | None = None
+    #: Executions at once across the deployment (1: a singleton), or None for no bound.
+    max_in_flight: int | None = None
+    #: A :class:`natrio.RateLimit`, or None.
+    rate_limit: Any = None
 
 
 def without_pause(exc: BaseException) -> BaseException | None:

@@ -98,12 +98,15 @@ class Dispatcher:
         self._all_done = trio.Event()
         self._keep_alive_scope = trio.CancelScope(shield=True)
         self._tick = 10.0
+        self._tick_changed = trio.Event()
 
     # -- intake -----------------------------------------------------------------------
 
     def sink(self, route: Route, group: str, consumer: PullConsumer) -> Callable[[Message], None]:
         """The function the consumer of ``route``'s task type in ``group`` hands messages to."""
-        self._tick = min(self._tick, route.ack_wait / 6)
+        if route.ack_wait / 6 < self._tick:
+            self._tick = route.ack_wait / 6
+            self._tick_changed.set()  # the keep-alive loop may be sleeping a longer tick
         self.executor.chain(route)
         # Ack subjects were checked on arrival (ack_position).
         send = self.conn.publish_checked_nowait
@@ -272,7 +275,10 @@ class Dispatcher:
         # shutdown() (or the end of run()) ends it.
         with self._keep_alive_scope:
             while True:
-                await trio.sleep(self._tick)
+                with trio.move_on_after(self._tick):
+                    await self._tick_changed.wait()
+                if self._tick_changed.is_set():
+                    self._tick_changed = trio.Event()
                 now = trio.current_time()
                 for delivery in list(self._held):
                     if now - delivery.last_progress >= delivery.route.ack_wait / 3:

@@ -390,7 +390,8 @@ class Recorder:
                 msg,
                 reason,
                 task_type=delivery.route.task_type,
-                group=delivery.group,
+                # The entry names the plain group (a placed consumer's token has more).
+                group=delivery.group.partition("~")[0],
                 seq=seq,
                 attempts=attempts,
                 ids=ids,

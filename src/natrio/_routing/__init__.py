@@ -1,0 +1,1 @@
+"""Routing and placement: partitions, singletons, claims and rate limits."""

@@ -1,0 +1,181 @@
+"""Claims: the targets a worker holds, the consumers of tasks sent to them, soft targets
+taken over while nobody holds their claim, and consumers of claims long unheld removed.
+
+A task sent with ``target=<claim>`` waits in the task stream under the placement
+``t<claim>`` (``s<claim>`` when soft) and its own durable consumer, which only workers
+holding the claim pull: nothing else ever receives it, so it uses no attempts while it
+waits, and it stays durable whoever comes and goes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import _wire as wire
+from .._errors import ConfigurationError, NatrioError
+from .consumers import ConsumerSet
+from .members import Membership
+from .placement import check_claims
+
+if TYPE_CHECKING:
+    from .._dispatch import Route
+
+log = logging.getLogger("natrio.routing")
+
+_FRACTION = re.compile(r"\.(\d{6})\d*")
+
+
+def _timestamp(text: object) -> float | None:
+    # The server writes RFC 3339 with nanoseconds; fromisoformat takes microseconds.
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(_FRACTION.sub(r".\1", text)).timestamp()
+    except ValueError:
+        return None
+
+
+class ClaimCoordinator:
+    """Keeps this worker pulling the consumers of the claims it holds, and of soft targets
+    whose claim no live worker holds; looks every ``interval`` seconds.
+
+    Consumers of a claim no live worker holds, with nothing pending, unused for
+    ``cleanup_after`` seconds, are deleted (a task sent to the claim later makes its
+    consumer again).
+    """
+
+    def __init__(
+        self,
+        routes: Sequence[tuple[Route, str]],
+        consumers: ConsumerSet,
+        membership: Membership,
+        *,
+        worker_id: str,
+        own_claim: str,
+        static_claims: Sequence[str] = (),
+        source: Callable[[], Any] | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        interval: float = 2.0,
+        cleanup_after: float = 600.0,
+    ) -> None:
+        self.routes = list(routes)
+        self.consumers = consumers
+        self.membership = membership
+        self.worker_id = worker_id
+        self.own_claim = own_claim
+        self.static_claims = tuple(static_claims)
+        self.source = source
+        self.on_change = on_change
+        self.interval = interval
+        self.cleanup_after = cleanup_after
+        self.held: tuple[str, ...] = ()
+        #: Tasks waiting for a claim no live worker holds, by consumer name.
+        self.waiting: dict[str, int] = {}
+        #: Soft-target consumers pulled because nobody holding their claim is alive.
+        self.guest: frozenset[str] = frozenset()
+        self._pulled: set[str] = set()
+        self._by_prefix = {f"{route.task_type}~{group}~": (route, group) for route, group in routes}
+
+    async def refresh_claims(self) -> bool:
+        """Read the claims (calling the function, if one was given); whether they changed."""
+        claims = {self.own_claim, *self.static_claims}
+        if self.source is not None:
+            try:
+                found = self.source()
+                if inspect.isawaitable(found):
+                    found = await found
+                claims.update(check_claims(list(found)))
+            except (ConfigurationError, Exception) as exc:
+                # The function is the application's: a failure keeps the claims as they
+                # were rather than dropping them (or the worker).
+                log.warning("the claims function failed: %r; keeping %s", exc, self.held)
+                return False
+        held = tuple(sorted(claims))
+        if held == self.held:
+            return False
+        self.held = held
+        self.on_change()
+        return True
+
+    def _holders(self, task_type: str, group: str, claim: str) -> bool:
+        if claim in self.held:
+            return True
+        return any(claim in w.claims for w in self.membership.serving(task_type, group))
+
+    async def sweep(self) -> None:
+        """Look at every claim consumer of the task types served: take soft ones nobody
+        holds, count what waits, delete long unused ones."""
+        infos = await self.consumers.js.consumers(wire.TASK_STREAM)
+        now = datetime.now(UTC).timestamp()
+        waiting: dict[str, int] = {}
+        guest: set[str] = set()
+        for info in infos:
+            name = str(info.get("name", ""))
+            prefix, _, placement = name.rpartition("~")
+            served = self._by_prefix.get(prefix + "~")
+            if served is None or len(placement) < 2 or placement[0] not in "ts":
+                continue
+            route, group = served
+            claim = placement[1:]
+            if self._holders(route.task_type, group, claim):
+                continue
+            pending = int(info.get("num_pending") or 0) + int(info.get("num_ack_pending") or 0)
+            if placement[0] == "s":
+                guest.add(name)
+            elif pending:
+                waiting[name] = pending
+            if pending == 0:
+                last = max(
+                    _timestamp(info.get("created")) or now,
+                    _timestamp((info.get("delivered") or {}).get("last_active")) or 0.0,
+                )
+                if now - last > self.cleanup_after:
+                    log.info("deleting consumer %s: claim %r unheld and unused", name, claim)
+                    await self.consumers.js.delete_consumer(wire.TASK_STREAM, name)
+                    guest.discard(name)
+        self.waiting = waiting
+        self.guest = frozenset(guest)
+
+    async def apply(self) -> None:
+        """Pull the consumers of the held claims and of the guest soft targets, no others."""
+        wanted: dict[str, tuple[Route, str, str]] = {}
+        for route, group in self.routes:
+            for claim in self.held:
+                for soft in (False, True):
+                    placement = wire.claim_placement(claim, soft=soft)
+                    name = wire.consumer_name(route.task_type, group, placement)
+                    wanted[name] = (route, group, placement)
+        for name in self.guest:
+            prefix, _, placement = name.rpartition("~")
+            route, group = self._by_prefix[prefix + "~"]
+            wanted[name] = (route, group, placement)
+        for name in list(self._pulled):
+            if name not in wanted:
+                self.consumers.remove(name)
+                self._pulled.discard(name)
+        for name, (route, group, placement) in wanted.items():
+            if name not in self.consumers:
+                await self.consumers.add(route, group, placement)
+            self._pulled.add(name)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Refresh, sweep and apply every interval (and when the members change)."""
+        await self.apply()
+        task_status.started()
+        version = self.membership.version
+        while True:
+            with trio.move_on_after(self.interval):
+                version = await self.membership.changed(version)
+            try:
+                await self.refresh_claims()
+                await self.sweep()
+                await self.apply()
+            except NatrioError as exc:
+                log.warning("updating claims failed: %r; trying again", exc)

@@ -1,0 +1,300 @@
+"""Routing in one process: partitions, singletons, targets and their configuration, on a real
+server (several workers share one connection; processes and kills are in
+tests/test_routing_processes.py)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import natrio
+from natrio._jetstream import JetStream
+from natrio._routing.placement import assign, fnv1a_32, partition_of, worker_target
+from natrio.testing import WorkerFactory
+
+from .helpers import eventually
+
+# -- pure placement -------------------------------------------------------------------
+
+
+def test_fnv1a_matches_known_values() -> None:
+    assert fnv1a_32(b"") == 0x811C9DC5
+    assert fnv1a_32(b"a") == 0xE40C292C
+    assert fnv1a_32(b"foobar") == 0xBF9CF968
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 5, 7, 256, 300])
+@pytest.mark.parametrize("partitions", [1, 2, 8, 13, 256])
+def test_assignment_is_complete_even_and_the_same_everywhere(partitions: int, members: int) -> None:
+    ids = [f"w{i}" for i in range(members)]
+    held = assign(partitions, ids)
+    every = sorted(p for parts in held.values() for p in parts)
+    assert every == list(range(partitions))
+    sizes = {len(parts) for parts in held.values()}
+    assert sizes <= {partitions // members, -(-partitions // members)}
+    assert assign(partitions, reversed(ids)) == held
+
+
+def test_partition_of_is_stable_and_in_range() -> None:
+    assert partition_of("run-1", 8) == fnv1a_32(b"run-1") % 8
+    assert all(0 <= partition_of(f"k{i}", 5) < 5 for i in range(100))
+
+
+def test_worker_target() -> None:
+    assert worker_target("primary") == "w-primary"
+    odd = worker_target("resize+thumb/default")
+    assert odd.startswith("w-")
+    assert odd == worker_target("resize+thumb/default")
+    with pytest.raises(natrio.ConfigurationError):
+        worker_target("")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"partitions": 0},
+        {"partitions": 257},
+        {"partitions": True},
+        {"singleton": True, "partitions": 4},
+        {"singleton": True, "max_in_flight": 2},
+        {"partitions": 4, "max_in_flight": 2},
+        {"max_in_flight": 0},
+        {"singleton": "yes"},
+        {"rate_limit": 5},
+    ],
+)
+async def test_invalid_routing_options(
+    natrio_connection: natrio.Connection, options: dict[str, object]
+) -> None:
+    worker = natrio.Worker(natrio_connection)
+    with pytest.raises(natrio.ConfigurationError):
+        worker.handle("t", _noop, **options)  # type: ignore[call-overload]
+
+
+async def test_invalid_worker_routing_options(natrio_connection: natrio.Connection) -> None:
+    for options in ({"partitions": 0}, {"claims": "primary"}, {"claims": ["bad.claim"]}):
+        with pytest.raises(natrio.ConfigurationError):
+            natrio.Worker(natrio_connection, **options)
+
+
+async def _noop(ctx: natrio.TaskContext) -> None:
+    return None
+
+
+# -- partitions -----------------------------------------------------------------------
+
+
+async def test_partitioned_tasks_keep_per_key_order_across_workers(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    ledger: list[tuple[str, str, int]] = []
+    running: dict[str, int] = {}
+    overlaps = []
+    workers = []
+    for name in ("a", "b"):
+        worker = natrio_worker_factory(name=name, concurrency=8)
+
+        @worker.handle("ordered", partitions=4)
+        async def ordered(ctx: natrio.TaskContext, name: str = name) -> bytes:
+            key = ctx.task.headers["key"]
+            running[key] = running.get(key, 0) + 1
+            if running[key] > 1:
+                overlaps.append(key)
+            ledger.append((key, name, int(ctx.input)))
+            await trio.sleep(0.001)
+            running[key] -= 1
+            return b""
+
+        workers.append(await natrio_worker_factory.start(worker))
+
+    def balanced() -> bool:
+        held = [w.statistics().partitions.get("ordered/default", ()) for w in workers]
+        return sorted(p for parts in held for p in parts) == [0, 1, 2, 3] and all(
+            len(parts) == 2 for parts in held
+        )
+
+    await eventually(balanced)
+    handles = []
+    for i in range(40):
+        for key in ("k1", "k2", "k3"):
+            handles.append(
+                await natrio_client.submit(
+                    "ordered", str(i).encode(), key=key, headers={"key": key}
+                )
+            )
+    with trio.fail_after(20):
+        for handle in handles:
+            await handle.result()
+    assert not overlaps
+    for key in ("k1", "k2", "k3"):
+        assert [n for k, _, n in ledger if k == key] == list(range(40))
+    assert await natrio_client.partitions("ordered") == 4
+
+
+async def test_conflicting_partition_counts_are_refused(
+    natrio_worker_factory: WorkerFactory, natrio_connection: natrio.Connection
+) -> None:
+    await natrio.provision(natrio_connection, partitions={"p": 4})
+    with pytest.raises(natrio.ConfigurationError, match="4 partitions"):
+        await natrio.provision(natrio_connection, partitions={"p": 8})
+    worker = natrio_worker_factory()
+    worker.handle("p", _noop, partitions=8)
+    with pytest.raises(natrio.ConfigurationError, match="4 partitions"):
+        await natrio_worker_factory.start(worker)
+    plain = natrio_worker_factory()
+    plain.handle("p", _noop)
+    with pytest.raises(natrio.ConfigurationError, match="partitions=4"):
+        await natrio_worker_factory.start(plain)
+
+
+async def test_a_key_for_an_unpartitioned_type_is_refused(natrio_client: natrio.Client) -> None:
+    with pytest.raises(natrio.ConfigurationError, match="not partitioned"):
+        await natrio_client.submit("plain", key="k")
+
+
+# -- singletons and max_in_flight -----------------------------------------------------
+
+
+async def test_singleton_runs_one_at_a_time_across_workers(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    running = 0
+    most = 0
+    served = set()
+    for name in ("s1", "s2", "s3"):
+        worker = natrio_worker_factory(name=name, concurrency=4)
+
+        @worker.handle("solo", singleton=True)
+        async def solo(ctx: natrio.TaskContext, name: str = name) -> bytes:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            served.add(name)
+            await trio.sleep(0.01)
+            running -= 1
+            return b""
+
+        await natrio_worker_factory.start(worker)
+    handles = [await natrio_client.submit("solo") for _ in range(30)]
+    with trio.fail_after(20):
+        for handle in handles:
+            await handle.result()
+    assert most == 1
+    info = await JetStream(natrio_client.nc).consumer_info("NATRIO_TASKS", "solo~default")
+    assert info["config"]["max_ack_pending"] == 1
+
+
+async def test_max_in_flight_bounds_the_deployment(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    running = 0
+    most = 0
+    for _ in range(2):
+        worker = natrio_worker_factory(concurrency=8)
+
+        @worker.handle("capped", max_in_flight=3)
+        async def capped(ctx: natrio.TaskContext) -> bytes:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await trio.sleep(0.02)
+            running -= 1
+            return b""
+
+        await natrio_worker_factory.start(worker)
+    handles = [await natrio_client.submit("capped") for _ in range(40)]
+    with trio.fail_after(20):
+        for handle in handles:
+            await handle.result()
+    assert most == 3
+
+
+async def test_a_worker_with_another_bound_is_refused(
+    natrio_worker_factory: WorkerFactory,
+) -> None:
+    first = natrio_worker_factory()
+    first.handle("bounded", _noop, singleton=True)
+    await natrio_worker_factory.start(first)
+    second = natrio_worker_factory()
+    second.handle("bounded", _noop)
+    with pytest.raises(natrio.ConfigurationError, match="max_in_flight=1"):
+        await natrio_worker_factory.start(second)
+
+
+# -- targets --------------------------------------------------------------------------
+
+
+async def test_targets_run_only_on_a_holder_and_wait_for_one(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    ran_on: list[str] = []
+    plain = natrio_worker_factory(name="plain")
+
+    @plain.handle("job")
+    async def job_plain(ctx: natrio.TaskContext) -> bytes:
+        ran_on.append("plain")
+        return b"plain"
+
+    await natrio_worker_factory.start(plain)
+    handle = await natrio_client.submit("job", target="primary")
+    await eventually(lambda: plain.statistics().waiting_for_claims.get("job~default~tprimary"))
+    assert ran_on == []
+    primary = natrio_worker_factory(name="prim", claims=["primary"])
+
+    @primary.handle("job")
+    async def job_primary(ctx: natrio.TaskContext) -> bytes:
+        ran_on.append("primary")
+        return b"primary"
+
+    await natrio_worker_factory.start(primary)
+    with trio.fail_after(10):
+        assert await handle.result() == b"primary"
+    assert "primary" in primary.claims
+    assert worker_target("prim") in primary.claims
+    # Colocated: the step goes to the worker that ran the first.
+    second = await natrio_client.submit("job", colocate_with=handle)
+    with trio.fail_after(10):
+        assert await second.result() == b"primary"
+    assert ran_on == ["primary", "primary"]
+
+
+async def test_a_soft_target_runs_elsewhere_while_nobody_holds_its_claim(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    worker = natrio_worker_factory(name="anyone")
+
+    @worker.handle("soft")
+    async def soft(ctx: natrio.TaskContext) -> bytes:
+        return ctx.task.target.encode() if ctx.task.target else b""
+
+    await natrio_worker_factory.start(worker)
+    handle = await natrio_client.submit("soft", target="gone", soft=True)
+    with trio.fail_after(10):
+        assert await handle.result() == b"gone"
+
+
+async def test_claims_from_a_function_move_between_workers(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    owner = {"value": "one"}
+    workers = {}
+    for name in ("one", "two"):
+
+        async def claims(name: str = name) -> list[str]:
+            return ["leader"] if owner["value"] == name else []
+
+        worker = natrio_worker_factory(name=name, claims=claims)
+
+        @worker.handle("lead")
+        async def lead(ctx: natrio.TaskContext, name: str = name) -> bytes:
+            return name.encode()
+
+        workers[name] = await natrio_worker_factory.start(worker)
+    with trio.fail_after(10):
+        assert await (await natrio_client.submit("lead", target="leader")).result() == b"one"
+    owner["value"] = "two"
+    await eventually(
+        lambda: "leader" not in workers["one"].claims and "leader" in workers["two"].claims
+    )
+    with trio.fail_after(10):
+        assert await (await natrio_client.submit("lead", target="leader")).result() == b"two"
