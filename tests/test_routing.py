@@ -298,3 +298,163 @@ async def test_claims_from_a_function_move_between_workers(
     )
     with trio.fail_after(10):
         assert await (await natrio_client.submit("lead", target="leader")).result() == b"two"
+
+
+# -- rate limits ----------------------------------------------------------------------
+
+
+# Slack for the time between a start's admission and the handler reading the clock.
+JITTER = 0.02
+
+
+def _most_in_any_window(times: list[float], per: float) -> int:
+    """The most start times within any half-open window of ``per`` seconds."""
+    times = sorted(times)
+    most = 0
+    first = 0
+    for last, at in enumerate(times):
+        while at - times[first] >= per:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+async def test_worker_rate_limit_holds_over_sliding_windows_without_using_attempts(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    starts: list[float] = []
+    attempts: list[int] = []
+    worker = natrio_worker_factory(concurrency=16)
+
+    @worker.handle("limited", rate_limit=natrio.RateLimit(5, 0.5))
+    async def limited(ctx: natrio.TaskContext) -> bytes:
+        starts.append(trio.current_time())
+        attempts.append(ctx.attempt)
+        return b""
+
+    await natrio_worker_factory.start(worker)
+    handles = [await natrio_client.submit("limited") for _ in range(20)]
+    with trio.fail_after(20):
+        for handle in handles:
+            await handle.result()
+    assert len(starts) == 20
+    # Starts are admitted exactly; each handler begins a scheduling latency after its
+    # admission, so the times taken inside handlers get 20 ms of slack.
+    assert _most_in_any_window(starts, 0.5 - JITTER) <= 5
+    # 20 starts at 5 per 0.5 s take at least 1.5 s.
+    assert max(starts) - min(starts) >= 1.5
+    assert set(attempts) == {1}
+    stats = worker.statistics().dispatcher
+    assert stats.deferred > 0
+    assert stats.waiting_for_rate == 0
+
+
+async def test_rate_limit_per_key(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    starts: dict[str, list[float]] = {"a": [], "b": []}
+    worker = natrio_worker_factory(concurrency=16)
+
+    @worker.handle(
+        "keyed", rate_limit=natrio.RateLimit(2, 0.5, key=lambda task: task.headers["tenant"])
+    )
+    async def keyed(ctx: natrio.TaskContext) -> bytes:
+        starts[ctx.task.headers["tenant"]].append(trio.current_time())
+        return b""
+
+    await natrio_worker_factory.start(worker)
+    handles = [
+        await natrio_client.submit("keyed", headers={"tenant": tenant})
+        for _ in range(6)
+        for tenant in ("a", "b")
+    ]
+    with trio.fail_after(20):
+        for handle in handles:
+            await handle.result()
+    for tenant in ("a", "b"):
+        assert len(starts[tenant]) == 6
+        assert _most_in_any_window(starts[tenant], 0.5 - JITTER) <= 2
+
+
+async def test_cluster_rate_limit_holds_across_workers(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    import time
+
+    starts: list[float] = []
+    for _ in range(3):
+        worker = natrio_worker_factory(concurrency=8)
+
+        @worker.handle("shared", rate_limit=natrio.RateLimit(4, 0.5, scope="cluster"))
+        async def shared(ctx: natrio.TaskContext) -> bytes:
+            starts.append(time.time())
+            return b""
+
+        await natrio_worker_factory.start(worker)
+    handles = [await natrio_client.submit("shared") for _ in range(24)]
+    with trio.fail_after(30):
+        for handle in handles:
+            await handle.result()
+    assert len(starts) == 24
+    # Windows of 0.5 s aligned to the Unix epoch: at most 4 starts in each. A handler
+    # reads the clock a scheduling latency after its admission, so a start read within
+    # JITTER after a boundary may have been admitted in the window before: the count is
+    # of the starts clearly inside a window.
+    inside: dict[int, int] = {}
+    for at in starts:
+        window = int(at // 0.5)
+        if at - window * 0.5 >= JITTER:
+            inside[window] = inside.get(window, 0) + 1
+    assert max(inside.values()) <= 4
+    assert len({int(at // 0.5) for at in starts}) >= 6
+
+
+async def test_a_failing_key_function_fails_the_task(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    worker = natrio_worker_factory()
+
+    def broken(task: natrio.Task) -> str:
+        raise KeyError("tenant")
+
+    @worker.handle(
+        "badkey",
+        rate_limit=natrio.RateLimit(1, 1.0, key=broken),
+        retry=natrio.RetryPolicy(maximum_attempts=1),
+    )
+    async def badkey(ctx: natrio.TaskContext) -> bytes:
+        return b"ran"
+
+    await natrio_worker_factory.start(worker)
+    handle = await natrio_client.submit("badkey")
+    with trio.fail_after(10), pytest.raises(natrio.TaskFailed, match="KeyError"):
+        await handle.result()
+
+
+async def test_tasks_held_by_a_rate_limit_go_back_at_shutdown(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    worker = natrio_worker_factory()
+
+    @worker.handle("slowrate", rate_limit=natrio.RateLimit(1, 60.0))
+    async def slowrate(ctx: natrio.TaskContext) -> bytes:
+        return b""
+
+    await natrio_worker_factory.start(worker)
+    handles = [await natrio_client.submit("slowrate") for _ in range(3)]
+    await handles[0].result()
+    await eventually(lambda: worker.statistics().dispatcher.waiting_for_rate == 2)
+    worker.stop(0.0)
+    second = natrio_worker_factory()
+    seen = []
+
+    @second.handle("slowrate")
+    async def unlimited(ctx: natrio.TaskContext) -> bytes:
+        seen.append(ctx.attempt)
+        return b""
+
+    await natrio_worker_factory.start(second)
+    with trio.fail_after(10):
+        for handle in handles[1:]:
+            await handle.result()
+    assert seen == [1, 1]

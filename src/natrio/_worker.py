@@ -24,7 +24,15 @@ from ._codec import decode
 from ._context import TaskContext
 from ._directory import Registration
 from ._dispatch import Dispatcher, DispatcherStatistics, Handler, Route, StepHooks
-from ._errors import ConfigurationError, ConnectionClosed, DecodeError, Fatal, NatrioError
+from ._errors import (
+    ConfigurationError,
+    ConnectionClosed,
+    DecodeError,
+    Fatal,
+    JetStreamError,
+    NatrioError,
+)
+from ._jetstream import STREAM_NOT_FOUND, JetStream
 from ._model import WorkerInfo
 from ._outcomes import Reporter, now_iso
 from ._retry import RetryPolicy
@@ -642,6 +650,8 @@ class Worker:
                     f"task type {task_type!r} has {stored} partitions: register its handler "
                     f"with partitions={stored}"
                 )
+            if route.rate_limit is not None and route.rate_limit.scope == "cluster":
+                await self._check_counters()
             for group in self.groups:
                 self._check_bound(membership, route, group)
                 bound = route.max_in_flight or -1
@@ -649,6 +659,18 @@ class Worker:
                 plan.plain.append((route, group, bound, window))
                 plan.targetable.append((route, group))
         return plan
+
+    async def _check_counters(self) -> None:
+        try:
+            await JetStream(self.nc).stream_info(wire.COUNTER_STREAM)
+        except JetStreamError as exc:
+            if exc.err_code != STREAM_NOT_FOUND:
+                raise
+            raise NatrioError(
+                f"cluster-scope rate limits count in the {wire.COUNTER_STREAM} stream, which "
+                f"does not exist: run natrio.provision() (it needs nats-server 2.12 or later; "
+                f"this one is {self.nc.server_version})"
+            ) from None
 
     def _check_bound(self, membership: Membership, route: Route, group: str) -> None:
         # A bound across the deployment holds only if every worker pulls with it.

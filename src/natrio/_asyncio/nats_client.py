@@ -251,7 +251,8 @@ class NatsLink:
     @property
     def server_version(self) -> str:
         """The version the connected server reports."""
-        return str(self._client.connected_server_version)
+        # nats-py's ServerVersion prints as "<nats server v2.15.1>": the plain version.
+        return str(self._client.connected_server_version._server_version)
 
     @property
     def url(self) -> str | None:

@@ -48,6 +48,7 @@ class Delivery:
         "announced",
         "cancelled_by_shutdown",
         "ctx",
+        "deferred_until",
         "group",
         "last_progress",
         "msg",
@@ -82,6 +83,8 @@ class Delivery:
         self.running = False
         # Whether its started event went out.
         self.announced = False
+        # Trio time a rate limit holds it until, or None: held, not settled, then tried again.
+        self.deferred_until: float | None = None
         self.settled = False
         self._holds = 1
         self._send = send

@@ -14,9 +14,11 @@ import trio
 
 from .. import _wire as wire
 from .._context import TaskContext
-from .._errors import ExecutionPaused, HandlerTimeout, MalformedTask
+from .._errors import ExecutionPaused, HandlerTimeout, MalformedTask, NatrioError
+from .._jetstream import JetStream
 from .._model import Task
 from .._retry import RetryPolicy
+from .._routing.limits import ClusterLimiter, WorkerLimiter
 from ..middleware import Invocation, Middleware, Next
 from .delivery import Delivery
 from .edge import read_task
@@ -75,7 +77,9 @@ class Executor:
         self.middleware = tuple(middleware)
         self.inbox_prefix = recorder.reporter.conn.inbox_prefix
         self.malformed = 0
+        self.deferrals = 0
         self._calls: dict[str, Next] = {}
+        self._limiters: dict[str, WorkerLimiter | ClusterLimiter] = {}
 
     def chain(self, route: Route) -> Next:
         """The handler of ``route`` wrapped in the middleware, first outermost (made once)."""
@@ -170,6 +174,18 @@ class Executor:
                 ),
             )
             return
+        if route.rate_limit is not None:
+            wait = await self._rate_limited(route, ctx)
+            if wait is None:
+                return  # the key function failed: recorded as the task's failure
+            if wait > 0:
+                # Held in the worker (kept alive, never settled) until then: a redelivery
+                # would count as an attempt.
+                delivery.deferred_until = trio.current_time() + wait
+                delivery.running = False
+                delivery.ctx = None
+                self.deferrals += 1
+                return
         if self.started_event_after == 0:
             self.reporter.started(task)
             delivery.announced = True
@@ -215,6 +231,35 @@ class Executor:
                 scope.deadline = math.inf
             ctx._claim("complete")
             await self.recorder.complete(delivery, ctx, result, shield=scope.cancel_called)
+
+    async def _rate_limited(self, route: Route, ctx: TaskContext) -> float | None:
+        # Seconds to wait before this start is allowed (0: now), or None when the key
+        # function raised (the task then failed like a handler that raised).
+        limit = route.rate_limit
+        try:
+            key = limit.key_of(ctx.task)
+        except Exception as exc:
+            ctx.logger.warning("the rate limit's key function failed: %r", exc)
+            await ctx.fail(exc)
+            return None
+        limiter = self._limiters.get(route.task_type)
+        if limiter is None:
+            if limit.scope == "cluster":
+                limiter = ClusterLimiter(
+                    JetStream(self.reporter.conn), route.task_type, limit.limit, limit.per
+                )
+            else:
+                limiter = WorkerLimiter(limit.limit, limit.per)
+            self._limiters[route.task_type] = limiter
+        if isinstance(limiter, WorkerLimiter):
+            return limiter.acquire(key, trio.current_time())
+        try:
+            with self.recorder.recording_scope():
+                return await limiter.acquire(key, time.time())
+        except NatrioError as exc:
+            # The counter could not be reached: wait rather than run unlimited.
+            ctx.logger.warning("rate limit counter unavailable (%r); trying again in 1 s", exc)
+            return 1.0
 
     async def interrupted(self, delivery: Delivery) -> None:
         """Record why a cancelled execution ended: handed back at shutdown, or past its deadline."""

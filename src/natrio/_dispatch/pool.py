@@ -3,6 +3,8 @@ that survive anything a delivery does, the keep-alive of held tasks, and bounded
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import time
@@ -47,6 +49,10 @@ class DispatcherStatistics:
     dead: int
     malformed: int = 0
     internal_errors: int = 0
+    #: Executions a rate limit held back (each tried again when due, using no attempt).
+    deferred: int = 0
+    #: Deliveries held back by a rate limit right now.
+    waiting_for_rate: int = 0
 
 
 class Dispatcher:
@@ -98,6 +104,10 @@ class Dispatcher:
         self._all_done = trio.Event()
         self._keep_alive_scope = trio.CancelScope(shield=True)
         self._tick = 10.0
+        # (due, order, delivery) of deliveries a rate limit holds back.
+        self._deferred: list[tuple[float, int, Delivery]] = []
+        self._deferral_order = itertools.count()
+        self._deferral_changed = trio.Event()
         self._tick_changed = trio.Event()
 
     # -- intake -----------------------------------------------------------------------
@@ -165,6 +175,7 @@ class Dispatcher:
             for _ in range(self.concurrency):
                 nursery.start_soon(self._guarded, self._runner)
             nursery.start_soon(self._guarded, self._keep_alive)
+            nursery.start_soon(self._guarded, self._release_deferred)
             if self.started_event_after:
                 nursery.start_soon(self._guarded, self._announce_started)
             task_status.started()
@@ -265,9 +276,41 @@ class Dispatcher:
         finally:
             delivery.running = False
             self._running.discard(delivery)
-            delivery.let_go()
+            if delivery.deferred_until is not None and not delivery.settled:
+                # Held back by a rate limit: still held, tried again when it is due.
+                self._defer(delivery)
+            else:
+                delivery.let_go()
             if self.stopping and not self._running:
                 self._all_done.set()
+
+    def _defer(self, delivery: Delivery) -> None:
+        due = delivery.deferred_until
+        assert due is not None
+        if self.stopping:
+            delivery.deferred_until = None
+            if self.recorder.spawn is not None:
+                self.recorder.spawn(self._hand_back_one, delivery)
+            else:
+                delivery.let_go()
+            return
+        heapq.heappush(self._deferred, (due, next(self._deferral_order), delivery))
+        if self._deferred[0][2] is delivery:
+            self._deferral_changed.set()  # sooner than what the loop sleeps for
+
+    async def _release_deferred(self) -> None:
+        # Deliveries a rate limit held back go back to the queue when they are due.
+        while True:
+            due = self._deferred[0][0] if self._deferred else math.inf
+            with trio.move_on_at(due):
+                await self._deferral_changed.wait()
+            if self._deferral_changed.is_set():
+                self._deferral_changed = trio.Event()
+            now = trio.current_time()
+            while self._deferred and self._deferred[0][0] <= now:
+                delivery = heapq.heappop(self._deferred)[2]
+                delivery.deferred_until = None
+                self._queue.put(delivery)
 
     async def _keep_alive(self) -> None:
         # One loop keeps every held task alive, queued or running, with +WPI every ack_wait/3.
@@ -322,21 +365,18 @@ class Dispatcher:
         """
         self.stopping = True
         queued = self._queue.drain()
-
-        async def hand_back(delivery: Delivery) -> None:
-            try:
-                await self.executor.hand_back(delivery)
-            except Exception:
-                log.exception("handing back %s failed", delivery.msg.subject[:200])
-            finally:
-                delivery.let_go()
+        # Held back by a rate limit: they go back like queued ones.
+        queued.extend(entry[2] for entry in self._deferred)
+        self._deferred.clear()
+        for delivery in queued:
+            delivery.deferred_until = None
 
         end_of_grace = trio.current_time() + grace
         async with trio.open_nursery() as nursery:
             # Queued tasks go back at once, while running handlers get their grace, and
             # completions on their way to the stream get theirs.
             for delivery in queued:
-                nursery.start_soon(hand_back, delivery)
+                nursery.start_soon(self._hand_back_one, delivery)
             with trio.move_on_at(end_of_grace):
                 if self._running:
                     await self._all_done.wait()
@@ -367,6 +407,14 @@ class Dispatcher:
         # Runners wait for the next task inside their shields: closing the queue ends them.
         self._queue.close()
 
+    async def _hand_back_one(self, delivery: Delivery) -> None:
+        try:
+            await self.executor.hand_back(delivery)
+        except Exception:
+            log.exception("handing back %s failed", delivery.msg.subject[:200])
+        finally:
+            delivery.let_go()
+
     def statistics(self) -> DispatcherStatistics:
         """Counters: queued, in flight, processed, failed attempts, retried, dead."""
         counts = self.recorder.counts
@@ -380,4 +428,6 @@ class Dispatcher:
             dead=counts.dead,
             malformed=self.executor.malformed,
             internal_errors=self.internal_errors,
+            deferred=self.executor.deferrals,
+            waiting_for_rate=len(self._deferred),
         )

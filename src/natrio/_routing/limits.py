@@ -33,7 +33,7 @@ from .._model import Task
 from .._transport.protocol import check_subject
 
 #: The stream holding cluster-scope rate-limit counters (and, later, other counters).
-COUNTER_STREAM: Final = "NATRIO_COUNTERS"
+COUNTER_STREAM: Final = wire.COUNTER_STREAM
 #: The subjects of :data:`COUNTER_STREAM`.
 COUNTER_SUBJECTS: Final = f"{wire.PREFIX}.counter.>"
 #: The header that makes a publish into a counter stream an increment.
