@@ -80,3 +80,18 @@ async def make_slow_worker(nc: natrio.Connection) -> natrio.Worker:
 def returns_string(nc: natrio.Connection) -> str:
     """A broken factory: returns something other than a Worker."""
     return "not a worker"
+
+
+def make_routing_worker(nc: natrio.Connection) -> natrio.Worker:
+    """A worker with a partitioned task type and a claim, for ``natrio workers``."""
+    worker = natrio.Worker(nc, concurrency=2, name="cli-routing", claims=["cli-claim"])
+
+    @worker.handle("cli-part", partitions=4)
+    async def part(ctx: natrio.TaskContext) -> bytes:
+        return str(ctx.task.partition).encode()
+
+    @worker.handle("cli-targeted")
+    async def targeted(ctx: natrio.TaskContext) -> bytes:
+        return ctx.input
+
+    return worker

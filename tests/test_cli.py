@@ -27,6 +27,7 @@ from click.testing import CliRunner, Result
 
 import natrio
 from natrio._cli import cli, load_worker_factory, make_worker
+from natrio._routing.placement import fnv1a_32
 
 from . import cli_app
 
@@ -543,3 +544,46 @@ def test_help_and_version() -> None:
         assert command in result.stdout
     assert "natrio.Connection" in ok(invoke("worker", "--help")).stdout
     assert natrio.__version__ in ok(invoke("--version")).stdout
+
+
+def test_workers_show_partitions_claims_and_tasks_waiting_for_a_claim(
+    cli_server: natrio.EmbeddedServer,
+) -> None:
+    url = cli_server.url
+    process = Process("worker", "tests.cli_app:make_routing_worker", "--url", url, "--grace", "1")
+    try:
+        worker_id = process.expect(STARTED_LINE)[1]
+        listed = json.loads(ok(invoke("workers", "--url", url, "--json")).stdout)
+        (entry,) = (info for info in listed if info["worker_id"] == worker_id)
+        assert entry["partitions"] == {"cli-part/default": [0, 1, 2, 3]}
+        assert set(entry["claims"]) == {"cli-claim", natrio.worker_target("cli-routing")}
+        assert entry["routing"] == {"cli-part": {"partitions": 4}}
+        # A key picks the partition; the task runs in it.
+        result = ok(
+            invoke("submit", "cli-part", "--url", url, "--key", "k1", "--wait", "--timeout", "10")
+        )
+        assert result.stdout.splitlines()[1] == str(fnv1a_32(b"k1") % 4)
+        # Targeted at the claim held: runs; at one nobody holds: waits, and is shown.
+        result = ok(
+            invoke(
+                "submit",
+                "cli-targeted",
+                '"here"',
+                "--url",
+                url,
+                "--target",
+                "cli-claim",
+                "--wait",
+                "--timeout",
+                "10",
+            )
+        )
+        assert result.stdout.splitlines()[1] == '"here"'
+        ok(invoke("submit", "cli-targeted", "--url", url, "--target", "nobody-holds"))
+        table = ok(invoke("workers", "--url", url)).stdout
+        assert "0,1,2,3" in table
+        waiting = table[table.index("waiting for a claim") :]
+        assert "cli-targeted~default~tnobody-holds" in waiting
+        assert "nobody-holds" in waiting
+    finally:
+        process.close()

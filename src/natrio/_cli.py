@@ -35,6 +35,8 @@ from rich.text import Text
 
 import natrio
 
+from ._routing.claims import unheld_claims
+
 __all__ = ["WorkerFactory", "cli", "load_worker_factory", "main", "make_worker"]
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -475,6 +477,11 @@ def _json_payload(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--group", default=None, help="Worker group to send the task to. Default: default.")
 @click.option("--run-id", default=None, help="Run id. Default: a random one.")
 @click.option("--step-id", default=None, help="Step id. Default: the task type.")
+@click.option("--key", default=None, help="Partition key (partitioned types). Default: the run id.")
+@click.option("--target", default=None, help="Run only on a worker holding this claim.")
+@click.option(
+    "--soft", is_flag=True, help="With --target: any worker may run it while no holder is alive."
+)
 @click.option("--wait", is_flag=True, help="Wait for the task's outcome and print its output.")
 @click.option(
     "--timeout",
@@ -490,6 +497,9 @@ def submit(
     group: str | None,
     run_id: str | None,
     step_id: str | None,
+    key: str | None,
+    target: str | None,
+    soft: bool,
     wait: bool,
     timeout: float | None,
 ) -> None:
@@ -510,6 +520,9 @@ def submit(
         group=group,
         run_id=run_id,
         step_id=step_id,
+        key=key,
+        target=target,
+        soft=soft,
         wait=wait,
         wait_timeout=timeout,
     )
@@ -524,13 +537,23 @@ async def _submit(
     group: str | None,
     run_id: str | None,
     step_id: str | None,
+    key: str | None,
+    target: str | None,
+    soft: bool,
     wait: bool,
     wait_timeout: float | None,
 ) -> None:
     async with natrio.connect(urls, connect_timeout=connect_timeout, name="natrio submit") as nc:
         client = natrio.Client(nc)
         handle = await client.submit(
-            task_type, payload, run_id=run_id, step_id=step_id, group=group
+            task_type,
+            payload,
+            run_id=run_id,
+            step_id=step_id,
+            group=group,
+            key=key,
+            target=target,
+            soft=soft,
         )
         click.echo(f"{handle.run_id} {handle.step_id} {handle.seq}")
         if handle.duplicate:
@@ -666,28 +689,48 @@ def workers(url: str, connect_timeout: float, as_json: bool) -> None:
 
     A worker that died without deregistering disappears once its entry's TTL passes.
     """
-    found = _run(_workers, _urls(url), connect_timeout)
+    found, waiting = _run(_workers, _urls(url), connect_timeout)
     if as_json:
         click.echo(json.dumps([json.loads(info.to_json()) for info in found], indent=2))
         return
     if not found:
         _say("no workers registered")
-        return
+    else:
+        _workers_table(found)
+    if waiting:
+        table = Table(title="tasks waiting for a claim no live worker holds", title_justify="left")
+        table.add_column("consumer", no_wrap=True)
+        table.add_column("claim")
+        table.add_column("waiting", justify="right")
+        for name, claim, count in waiting:
+            table.add_row(Text(name), Text(claim), str(count))
+        _console().print(table)
+
+
+def _workers_table(found: list[natrio.WorkerInfo]) -> None:
     table = Table(title=f"natrio workers ({len(found)})", title_justify="left")
     table.add_column("worker id", no_wrap=True)
     table.add_column("task types")
     table.add_column("groups")
     table.add_column("host")
     table.add_column("pid", justify="right")
+    table.add_column("partitions")
+    table.add_column("claims")
     table.add_column("in flight", justify="right")
     table.add_column("processed", justify="right")
     table.add_column("failed", justify="right")
     table.add_column("last seen", no_wrap=True)
     for info in found:
+        held = "; ".join(
+            f"{label}: {','.join(map(str, parts)) or '-'}"
+            for label, parts in sorted(info.partitions.items())
+        )
         table.add_row(
-            Text(info.worker_id),
+            Text(info.worker_id + (" (stopping)" if info.stopping else "")),
             Text(", ".join(info.task_types)),
             Text(", ".join(info.groups)),
+            Text(held),
+            Text(", ".join(info.claims)),
             Text(info.hostname),
             str(info.pid),
             str(info.in_flight),
@@ -698,9 +741,12 @@ def workers(url: str, connect_timeout: float, as_json: bool) -> None:
     _console().print(table)
 
 
-async def _workers(urls: list[str], connect_timeout: float) -> list[natrio.WorkerInfo]:
+async def _workers(
+    urls: list[str], connect_timeout: float
+) -> tuple[list[natrio.WorkerInfo], list[tuple[str, str, int]]]:
     async with natrio.connect(urls, connect_timeout=connect_timeout, name="natrio workers") as nc:
-        return await natrio.list_workers(nc)
+        found = await natrio.list_workers(nc)
+        return found, await unheld_claims(nc, found)
 
 
 # -- natrio bench -------------------------------------------------------------------------

@@ -20,9 +20,12 @@ import trio
 
 from .. import _wire as wire
 from .._errors import ConfigurationError, NatrioError
+from .._jetstream import JetStream
+from .._model import WorkerInfo
+from .._transport import Connection
 from .consumers import ConsumerSet
 from .members import Membership
-from .placement import check_claims
+from .placement import check_claims, parse_claim_consumer
 
 if TYPE_CHECKING:
     from .._dispatch import Route
@@ -118,16 +121,16 @@ class ClaimCoordinator:
         guest: set[str] = set()
         for info in infos:
             name = str(info.get("name", ""))
-            prefix, _, placement = name.rpartition("~")
-            served = self._by_prefix.get(prefix + "~")
-            if served is None or len(placement) < 2 or placement[0] not in "ts":
+            parsed = parse_claim_consumer(name)
+            served = parsed and self._by_prefix.get(f"{parsed[0]}~{parsed[1]}~")
+            if not parsed or not served:
                 continue
             route, group = served
-            claim = placement[1:]
+            soft, claim = parsed[2], parsed[3]
             if self._holders(route.task_type, group, claim):
                 continue
-            pending = int(info.get("num_pending") or 0) + int(info.get("num_ack_pending") or 0)
-            if placement[0] == "s":
+            pending = _pending(info)
+            if soft:
                 guest.add(name)
             elif pending:
                 waiting[name] = pending
@@ -179,3 +182,28 @@ class ClaimCoordinator:
                 await self.apply()
             except NatrioError as exc:
                 log.warning("updating claims failed: %r; trying again", exc)
+
+
+def _pending(info: dict[str, Any]) -> int:
+    return int(info.get("num_pending") or 0) + int(info.get("num_ack_pending") or 0)
+
+
+async def unheld_claims(
+    conn: Connection, workers: Sequence[WorkerInfo]
+) -> list[tuple[str, str, int]]:
+    """(consumer, claim, tasks waiting) for every claim consumer with tasks waiting whose
+    claim no live worker serving its task type holds, sorted by consumer name."""
+    found = []
+    for info in await JetStream(conn).consumers(wire.TASK_STREAM):
+        name = str(info.get("name", ""))
+        parsed = parse_claim_consumer(name)
+        if parsed is None or not (pending := _pending(info)):
+            continue
+        task_type, group, _soft, claim = parsed
+        held = any(
+            claim in w.claims and task_type in w.task_types and group in w.groups and not w.stopping
+            for w in workers
+        )
+        if not held:
+            found.append((name, claim, pending))
+    return sorted(found)

@@ -83,3 +83,16 @@ def check_claims(values: Sequence[object]) -> tuple[str, ...]:
         raise ConfigurationError("claims must be a list of names, not a string")
     claims = {check_claim(value) for value in values}
     return tuple(sorted(claims))
+
+
+def parse_claim_consumer(name: str) -> tuple[str, str, bool, str] | None:
+    """(task type, group, soft, claim) of a claim consumer's name
+    (``<type>~<group>~t<claim>`` or ``~s<claim>``), or None for any other name."""
+    parts = name.split("~")
+    if len(parts) != 3 or len(parts[2]) < 2 or parts[2][0] not in "ts":
+        return None
+    task_type, group, placement = parts
+    claim = placement[1:]
+    if not (_NAME.fullmatch(task_type) and _NAME.fullmatch(group) and _NAME.fullmatch(claim)):
+        return None
+    return task_type, group, placement[0] == "s", claim
