@@ -12,7 +12,7 @@ from natrio._jetstream import JetStream
 from natrio._routing.placement import assign, fnv1a_32, partition_of, worker_target
 from natrio.testing import WorkerFactory
 
-from .helpers import eventually
+from .helpers import event_counts, eventually
 
 # -- pure placement -------------------------------------------------------------------
 
@@ -129,6 +129,9 @@ async def test_partitioned_tasks_keep_per_key_order_across_workers(
     for key in ("k1", "k2", "k3"):
         assert [n for k, _, n in ledger if k == key] == list(range(40))
     assert await natrio_client.partitions("ordered") == 4
+    completed = await event_counts(natrio_client.nc, "completed")
+    assert len(completed) == 120
+    assert set(completed.values()) == {1}
 
 
 async def test_conflicting_partition_counts_are_refused(
@@ -180,6 +183,9 @@ async def test_singleton_runs_one_at_a_time_across_workers(
         for handle in handles:
             await handle.result()
     assert most == 1
+    completed = await event_counts(natrio_client.nc, "completed")
+    assert len(completed) == 30
+    assert set(completed.values()) == {1}
     info = await JetStream(natrio_client.nc).consumer_info("NATRIO_TASKS", "solo~default")
     assert info["config"]["max_ack_pending"] == 1
 
@@ -458,3 +464,64 @@ async def test_tasks_held_by_a_rate_limit_go_back_at_shutdown(
         for handle in handles[1:]:
             await handle.result()
     assert seen == [1, 1]
+
+
+async def test_a_task_published_without_its_partition_is_moved_into_it(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    ran: list[tuple[int | None, str]] = []
+    worker = natrio_worker_factory()
+
+    @worker.handle("moved", partitions=4)
+    async def moved(ctx: natrio.TaskContext) -> bytes:
+        assert ctx.task.partition is not None
+        ran.append((ctx.task.partition, ctx.input.decode()))
+        return ctx.input
+
+    await natrio_worker_factory.start(worker)
+    js = JetStream(natrio_client.nc)
+    # As a client in another language would: the plain subject, a Natrio-Key header.
+    for i in range(10):
+        await js.publish(
+            f"natrio.task.moved.default.raw-{i}.step", str(i).encode(), headers={"Natrio-Key": "k"}
+        )
+    await js.publish("natrio.task.moved.default.raw-x.step", b"x")
+    handles = [natrio_client.handle("moved", f"raw-{i}", "step") for i in range(10)]
+    with trio.fail_after(10):
+        for i, handle in enumerate(handles):
+            assert await handle.result() == str(i).encode()
+        assert await natrio_client.handle("moved", "raw-x", "step").result() == b"x"
+    assert [text for p, text in ran if text != "x"] == [str(i) for i in range(10)]
+    assert {p for p, text in ran if text != "x"} == {partition_of("k", 4)}
+    assert (partition_of("raw-x", 4), "x") in ran
+    assert worker.statistics().dispatcher.forwarded == 11
+
+
+async def test_consumers_of_claims_unheld_and_unused_are_deleted(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    holder = natrio_worker_factory(name="holder", claims=["old"])
+    holder.handle("c", _noop)
+    await natrio_worker_factory.start(holder)
+    with trio.fail_after(10):
+        await (await natrio_client.submit("c", target="old")).result()
+    holder.stop(0.0)
+    waiting = await natrio_client.submit("c", target="kept")
+    other = natrio_worker_factory(name="other")
+    other.handle("c", _noop)
+    await natrio_worker_factory.start(other)
+    assert other._claims is not None
+    other._claims.cleanup_after = 0.0  # "for a while" is 10 minutes otherwise
+    js = JetStream(natrio_client.nc)
+
+    async def names() -> set[str]:
+        return {info["name"] for info in await js.consumers("NATRIO_TASKS")}
+
+    with trio.fail_after(10):
+        while "c~default~told" in await names():  # noqa: ASYNC110 - the server's state
+            await trio.sleep(0.1)
+    # Unheld but with a task waiting: kept, and the task is still there.
+    assert "c~default~tkept" in await names()
+    info = await js.consumer_info("NATRIO_TASKS", "c~default~tkept")
+    assert info["num_pending"] == 1
+    assert waiting.seq is not None

@@ -128,6 +128,18 @@ class Reporter:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    async def forward(self, task: Task, placement: str) -> None:
+        """Store ``task`` again under ``placement`` (a partition), as it came (its headers
+        were checked at the edge); redone after a crash, the copy is a duplicate."""
+        headers = dict(task.headers)
+        # One id per stored message: a redelivery of it forwards a duplicate.
+        headers[wire.H_MSG_ID] = f"forward:{task.task_type}:{task.seq}"
+        await self._publish_durably(
+            wire.task_subject(task.task_type, task.group, task.run_id, task.step_id, placement),
+            task.input,
+            headers,
+        )
+
     def completion_headers(self, task: Task) -> Headers:
         # Encoded once: the reply to a waiting client carries the same headers. Written
         # out in one format string rather than through _headers(): it runs once per task

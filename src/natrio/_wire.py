@@ -59,6 +59,8 @@ H_RETRY: Final = "Natrio-Retry"
 H_DEADLINE: Final = "Natrio-Deadline"
 H_REPLY: Final = "Natrio-Reply"
 H_SUBMITTED: Final = "Natrio-Submitted"
+#: The partition key of a task published without its partition (see docs/routing.md).
+H_KEY: Final = "Natrio-Key"
 # Headers natrio sets on events and replies.
 H_OUTCOME: Final = "Natrio-Outcome"
 H_TASK_SEQ: Final = "Natrio-Task-Seq"

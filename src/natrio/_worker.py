@@ -644,6 +644,8 @@ class Worker:
                     route = attrs.evolve(route, ack_wait=ttl)
                     self._routes[task_type] = route
                 plan.partitioned.extend((route, group) for group in self.groups)
+                # Tasks published without a partition are moved into theirs, one at a time.
+                plan.plain.extend((route, group, 1, 1) for group in self.groups)
                 continue
             if stored is not None:
                 raise ConfigurationError(

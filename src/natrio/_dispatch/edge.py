@@ -39,8 +39,10 @@ _ITERATION = re.compile(r"[1-9][0-9]{0,8}")
 # natrio's task headers, and their names in lower case: a name that matches one but for
 # case is refused rather than quietly ignored.
 _TASK_HEADERS: Final = frozenset(
-    {wire.H_RETRY, wire.H_DEADLINE, wire.H_REPLY, wire.H_SUBMITTED, wire.H_ITERATION}
+    {wire.H_RETRY, wire.H_DEADLINE, wire.H_REPLY, wire.H_SUBMITTED, wire.H_ITERATION, wire.H_KEY}
 )
+#: The longest ``Natrio-Key`` natrio takes.
+MAX_KEY: Final = 1024
 _LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
 
 
@@ -190,6 +192,9 @@ def read_task(
         text = headers.get(wire.H_REPLY)
         if text:
             reply = reply_target(check_reply(text), inbox_prefix)
+        text = headers.get(wire.H_KEY)
+        if text is not None and len(text) > MAX_KEY:
+            raise MalformedTask(f"{wire.H_KEY} is over {MAX_KEY} characters")
     return Task(
         task_type=task_type,
         group=plain_group,

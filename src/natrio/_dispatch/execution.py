@@ -19,6 +19,7 @@ from .._jetstream import JetStream
 from .._model import Task
 from .._retry import RetryPolicy
 from .._routing.limits import ClusterLimiter, WorkerLimiter
+from .._routing.placement import partition_of
 from ..middleware import Invocation, Middleware, Next
 from .delivery import Delivery
 from .edge import read_task
@@ -78,6 +79,7 @@ class Executor:
         self.inbox_prefix = recorder.reporter.conn.inbox_prefix
         self.malformed = 0
         self.deferrals = 0
+        self.forwarded = 0
         self._calls: dict[str, Next] = {}
         self._limiters: dict[str, WorkerLimiter | ClusterLimiter] = {}
 
@@ -117,6 +119,18 @@ class Executor:
             self.logger.warning("dead-lettering malformed task on %r: %s", msg.subject[:200], exc)
             self.malformed += 1
             await self.recorder.malformed(delivery, str(exc), self.inbox_prefix)
+            return
+        if route.partitions is not None and task.placement is None:
+            # Published without its partition (by a client that does not know the count,
+            # in any language): moved into the partition of its Natrio-Key, else of its
+            # run id. The consumer it came from hands out one task at a time, so tasks of
+            # one key keep their order on the way.
+            key = task.headers.get(wire.H_KEY) or task.run_id
+            placement = wire.partition_placement(partition_of(key, route.partitions))
+            with self.recorder.recording_scope():
+                await self.reporter.forward(task, placement)
+            delivery.ack()
+            self.forwarded += 1
             return
         # From here on a shutdown out of grace cancels this execution (its checks are
         # shielded; the handler's first checkpoint then hands the task back).

@@ -53,6 +53,8 @@ class DispatcherStatistics:
     deferred: int = 0
     #: Deliveries held back by a rate limit right now.
     waiting_for_rate: int = 0
+    #: Tasks published without their partition, moved into it.
+    forwarded: int = 0
 
 
 class Dispatcher:
@@ -430,4 +432,5 @@ class Dispatcher:
             internal_errors=self.internal_errors,
             deferred=self.executor.deferrals,
             waiting_for_rate=len(self._deferred),
+            forwarded=self.executor.forwarded,
         )
