@@ -525,3 +525,15 @@ async def test_consumers_of_claims_unheld_and_unused_are_deleted(
     info = await js.consumer_info("NATRIO_TASKS", "c~default~tkept")
     assert info["num_pending"] == 1
     assert waiting.seq is not None
+
+
+async def test_a_target_for_a_singleton_waits_and_is_shown(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    worker = natrio_worker_factory(name="solo-holder", claims=["c"])
+    worker.handle("bounded-target", _noop, singleton=True)
+    await natrio_worker_factory.start(worker)
+    await natrio_client.submit("bounded-target", target="c")
+    await eventually(
+        lambda: worker.statistics().waiting_for_claims.get("bounded-target~default~tc") == 1
+    )

@@ -600,6 +600,7 @@ class Worker:
                             static_claims=self._static_claims,
                             source=self._claims_source,
                             on_change=registration.refresh_soon,
+                            untargetable=plan.untargetable,
                         )
                         await self._claims.refresh_claims()
                         await registration.register()
@@ -659,7 +660,11 @@ class Worker:
                 bound = route.max_in_flight or -1
                 window = min(self.prefetch, route.max_in_flight or self.prefetch)
                 plan.plain.append((route, group, bound, window))
-                plan.targetable.append((route, group))
+                if route.max_in_flight is None:
+                    plan.targetable.append((route, group))
+                else:
+                    # A bound holds across one consumer: a bounded type takes no targets.
+                    plan.untargetable.append((route.task_type, group))
         return plan
 
     async def _check_counters(self) -> None:
@@ -780,6 +785,8 @@ class _Plan:
     # (route, group) of each partitioned route and of each route that takes targets.
     partitioned: list[tuple[Route, str]] = attrs.field(factory=list)
     targetable: list[tuple[Route, str]] = attrs.field(factory=list)
+    # (task type, group) of each bounded route: served, but taking no targets.
+    untargetable: list[tuple[str, str]] = attrs.field(factory=list)
 
 
 def _input_type(task_type: str, fn: Callable[..., Any]) -> Any:

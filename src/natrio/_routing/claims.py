@@ -67,6 +67,7 @@ class ClaimCoordinator:
         on_change: Callable[[], None] = lambda: None,
         interval: float = 2.0,
         cleanup_after: float = 600.0,
+        untargetable: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.routes = list(routes)
         self.consumers = consumers
@@ -85,6 +86,10 @@ class ClaimCoordinator:
         self.guest: frozenset[str] = frozenset()
         self._pulled: set[str] = set()
         self._by_prefix = {f"{route.task_type}~{group}~": (route, group) for route, group in routes}
+        # Served here, but taking no targets (a bound across one consumer): their claim
+        # consumers are only counted as waiting.
+        self._untargetable = {f"{task_type}~{group}~" for task_type, group in untargetable}
+        self._warned: set[str] = set()
 
     async def refresh_claims(self) -> bool:
         """Read the claims (calling the function, if one was given); whether they changed."""
@@ -122,8 +127,25 @@ class ClaimCoordinator:
         for info in infos:
             name = str(info.get("name", ""))
             parsed = parse_claim_consumer(name)
-            served = parsed and self._by_prefix.get(f"{parsed[0]}~{parsed[1]}~")
-            if not parsed or not served:
+            if not parsed:
+                continue
+            prefix = f"{parsed[0]}~{parsed[1]}~"
+            if prefix in self._untargetable:
+                if pending := _pending(info):
+                    waiting[name] = pending
+                    if name not in self._warned:
+                        self._warned.add(name)
+                        log.warning(
+                            "%d task(s) on %s wait for ever: %s in %s is a singleton or "
+                            "bounded task type, which takes no targets",
+                            pending,
+                            name,
+                            parsed[0],
+                            parsed[1],
+                        )
+                continue
+            served = self._by_prefix.get(prefix)
+            if not served:
                 continue
             route, group = served
             soft, claim = parsed[2], parsed[3]
@@ -200,10 +222,11 @@ async def unheld_claims(
         if parsed is None or not (pending := _pending(info)):
             continue
         task_type, group, _soft, claim = parsed
-        held = any(
-            claim in w.claims and task_type in w.task_types and group in w.groups and not w.stopping
-            for w in workers
-        )
-        if not held:
+        serving = [
+            w for w in workers if task_type in w.task_types and group in w.groups and not w.stopping
+        ]
+        if any("max_in_flight" in w.routing.get(task_type, {}) for w in serving):
+            found.append((name, f"{claim} (a bounded task type takes no targets)", pending))
+        elif not any(claim in w.claims for w in serving):
             found.append((name, claim, pending))
     return sorted(found)
