@@ -165,6 +165,16 @@ class JetStream:
         """The consumer's config and state (delivered, ack pending, waiting pulls)."""
         return await self.api(f"CONSUMER.INFO.{stream}.{name}")
 
+    async def consumer_names(self, stream: str) -> list[str]:
+        """The names of every consumer of ``stream`` (paged through)."""
+        names: list[str] = []
+        while True:
+            page = await self.api(f"CONSUMER.NAMES.{stream}", {"offset": len(names)})
+            batch = [str(name) for name in page.get("consumers") or []]
+            names.extend(batch)
+            if not batch or len(names) >= int(page.get("total") or 0):
+                return names
+
     async def consumers(self, stream: str) -> list[dict[str, Any]]:
         """The info of every consumer of ``stream`` (paged through, 256 at a time)."""
         found: list[dict[str, Any]] = []

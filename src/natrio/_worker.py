@@ -562,7 +562,10 @@ class Worker:
         )
         self._dispatcher = dispatcher
         registration = Registration(self.nc, self._token, self._describe)
-        membership = Membership(self.nc)
+        # Partitions move when members change: looked at twice a second; otherwise the
+        # directory only matters to claims, looked at every 2 s anyway.
+        partitioned = any(route.partitions is not None for route in self._routes.values())
+        membership = Membership(self.nc, interval=0.5 if partitioned else 2.0)
         consumers = ConsumerSet(self.nc, dispatcher, window=self.prefetch)
         self._consumer_set = consumers
         failing = False
@@ -722,6 +725,8 @@ class Worker:
         # so that the whole shutdown takes at most grace + 1 s.
         dispatcher.stopping = True
         self._stopping = True
+        if self._partitions is not None:
+            self._partitions.stopping = True
         live = consumers.close()
         for consumer in live:
             consumer.stop_pulling()

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import _wire as wire
-from .._errors import ConfigurationError, NatrioError
-from .._jetstream import JetStream
+from .._errors import ConfigurationError, JetStreamError, NatrioError
+from .._jetstream import CONSUMER_NOT_FOUND, JetStream
 from .._model import WorkerInfo
 from .._transport import Connection
 from .consumers import ConsumerSet
@@ -118,20 +118,38 @@ class ClaimCoordinator:
         return any(claim in w.claims for w in self.membership.serving(task_type, group))
 
     async def sweep(self) -> None:
-        """Look at every claim consumer of the task types served: take soft ones nobody
-        holds, count what waits, delete long unused ones."""
-        infos = await self.consumers.js.consumers(wire.TASK_STREAM)
+        """Look at the claim consumers of the task types served whose claim no live worker
+        holds: take soft ones, count what waits, delete long unused ones.
+
+        Names first, then the info of only those unheld consumers: most claims have a
+        live holder, and a listing of every consumer's info would cost every worker a
+        page per 256 consumers every interval.
+        """
+        js = self.consumers.js
         now = datetime.now(UTC).timestamp()
         waiting: dict[str, int] = {}
         guest: set[str] = set()
-        for info in infos:
-            name = str(info.get("name", ""))
+        for name in await js.consumer_names(wire.TASK_STREAM):
             parsed = parse_claim_consumer(name)
             if not parsed:
                 continue
             prefix = f"{parsed[0]}~{parsed[1]}~"
-            if prefix in self._untargetable:
-                if pending := _pending(info):
+            untargetable = prefix in self._untargetable
+            served = self._by_prefix.get(prefix)
+            if not untargetable and not served:
+                continue
+            soft, claim = parsed[2], parsed[3]
+            if served and self._holders(served[0].task_type, served[1], claim):
+                continue
+            try:
+                info = await js.consumer_info(wire.TASK_STREAM, name)
+            except JetStreamError as exc:
+                if exc.err_code == CONSUMER_NOT_FOUND:
+                    continue  # deleted meanwhile (by another worker's sweep)
+                raise
+            pending = _pending(info)
+            if untargetable:
+                if pending:
                     waiting[name] = pending
                     if name not in self._warned:
                         self._warned.add(name)
@@ -144,14 +162,6 @@ class ClaimCoordinator:
                             parsed[1],
                         )
                 continue
-            served = self._by_prefix.get(prefix)
-            if not served:
-                continue
-            route, group = served
-            soft, claim = parsed[2], parsed[3]
-            if self._holders(route.task_type, group, claim):
-                continue
-            pending = _pending(info)
             if soft:
                 guest.add(name)
             elif pending:
@@ -163,7 +173,7 @@ class ClaimCoordinator:
                 )
                 if now - last > self.cleanup_after:
                     log.info("deleting consumer %s: claim %r unheld and unused", name, claim)
-                    await self.consumers.js.delete_consumer(wire.TASK_STREAM, name)
+                    await js.delete_consumer(wire.TASK_STREAM, name)
                     guest.discard(name)
         self.waiting = waiting
         self.guest = frozenset(guest)
