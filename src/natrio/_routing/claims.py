@@ -209,7 +209,8 @@ class ClaimCoordinator:
             with trio.move_on_after(self.interval):
                 version = await self.membership.changed(version)
             try:
-                await self.refresh_claims()
+                if await self.refresh_claims():
+                    await self.apply()  # a dropped claim stops being pulled at once
                 await self.sweep()
                 await self.apply()
             except NatrioError as exc:
