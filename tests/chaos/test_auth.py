@@ -124,9 +124,13 @@ def worker_permissions(task_type: str, *, group: str, inbox: str, client_inbox: 
             "$O.natrio_dead_inputs.>",
             # direct replies to the clients that wait for results (under its own prefix)
             f"{client_inbox}.>",
-            # the worker directory
+            # the worker directory: its entry, and the others' (claims, bounds, partitions)
             "$JS.API.STREAM.INFO.KV_natrio_workers",
             "$KV.natrio_workers.>",
+            "$JS.API.DIRECT.GET.KV_natrio_workers.$KV.natrio_workers.>",
+            # routing: whether the type is partitioned, and which claim consumers exist
+            f"$JS.API.DIRECT.GET.KV_natrio_routing.$KV.natrio_routing.partitions.{task_type}",
+            "$JS.API.CONSUMER.NAMES.NATRIO_TASKS",
             # redeliveries: the outcome and pause-record look-ups, clearing the pause record
             # and the checkpoint (keys <run>.<step> and <run>.<step>.pause only)
             f"$JS.API.DIRECT.GET.NATRIO_EVENTS.natrio.event.{task_type}.>",
@@ -146,6 +150,7 @@ def client_permissions(task_type: str, *, inbox: str) -> Permissions:
         publish=(
             f"natrio.task.{task_type}.>",
             f"$JS.API.DIRECT.GET.NATRIO_EVENTS.natrio.event.{task_type}.>",
+            f"$JS.API.DIRECT.GET.KV_natrio_routing.$KV.natrio_routing.partitions.{task_type}",
         ),
         subscribe=(f"{inbox}.>", f"natrio.event.{task_type}.>"),
     )
@@ -726,7 +731,9 @@ async def test_permissions_one_task_type(tmp_path: Path) -> None:
                 # ... and another task type is out of reach, for both users.
                 worker_js = JetStream(worker_nc, timeout=DENIED_WAIT)
                 client_js = JetStream(client_nc, timeout=DENIED_WAIT)
+                task_subject = f"natrio.task.{OTHER_TYPE}.{GROUP}.probe.probe"
                 probes = {
+                    # submit() looks up the type's partition count first, refused too
                     "worker submits": (
                         natrio.Client(worker_nc, timeout=DENIED_WAIT).submit,
                         OTHER_TYPE,
@@ -735,6 +742,8 @@ async def test_permissions_one_task_type(tmp_path: Path) -> None:
                         natrio.Client(client_nc, timeout=DENIED_WAIT).submit,
                         OTHER_TYPE,
                     ),
+                    "worker publishes a task": (worker_js.publish, task_subject, b""),
+                    "client publishes a task": (client_js.publish, task_subject, b""),
                     "worker reads consumer": (
                         worker_js.consumer_info,
                         "NATRIO_TASKS",
@@ -773,8 +782,13 @@ async def test_permissions_one_task_type(tmp_path: Path) -> None:
             await settle(lambda: len(violations(server, "resize-worker")) >= 7)
             worker_denied = violations(server, "resize-worker")
             client_denied = violations(server, "resize-client")
+            lookup = (
+                "Publish Violation - Subject "
+                f'"$JS.API.DIRECT.GET.KV_natrio_routing.$KV.natrio_routing.partitions.{OTHER_TYPE}"'
+            )
             for wanted in (
                 f'Publish Violation - Subject "natrio.task.{OTHER_TYPE}.{GROUP}.',
+                lookup,
                 f'Publish Violation - Subject "$JS.API.CONSUMER.INFO.NATRIO_TASKS.{other_consumer}"',
                 f'Publish Violation - Subject "$JS.API.CONSUMER.CREATE.NATRIO_TASKS.{other_consumer}"',
                 f'Publish Violation - Subject "$JS.API.CONSUMER.MSG.NEXT.NATRIO_TASKS.{other_consumer}"',
@@ -788,6 +802,7 @@ async def test_permissions_one_task_type(tmp_path: Path) -> None:
                 )
             for wanted in (
                 f'Publish Violation - Subject "natrio.task.{OTHER_TYPE}.{GROUP}.',
+                lookup,
                 'Publish Violation - Subject "$JS.API.STREAM.INFO.NATRIO_TASKS"',
                 f'Subscription Violation - Subject "natrio.event.{OTHER_TYPE}.>"',
                 f'Subscription Violation - Subject "{WORKER_INBOX}.>"',

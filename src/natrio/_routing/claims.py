@@ -80,11 +80,15 @@ class ClaimCoordinator:
         self.interval = interval
         self.cleanup_after = cleanup_after
         self.held: tuple[str, ...] = ()
+        #: The claims given (a list or the function's), beside the worker's own name's.
+        self.declared: tuple[str, ...] = ()
         #: Tasks waiting for a claim no live worker holds, by consumer name.
         self.waiting: dict[str, int] = {}
         #: Soft-target consumers pulled because nobody holding their claim is alive.
         self.guest: frozenset[str] = frozenset()
         self._pulled: set[str] = set()
+        # The consumers of the task stream, as the last sweep found them.
+        self._existing: frozenset[str] = frozenset()
         self._by_prefix = {f"{route.task_type}~{group}~": (route, group) for route, group in routes}
         # Served here, but taking no targets (a bound across one consumer): their claim
         # consumers are only counted as waiting.
@@ -108,6 +112,7 @@ class ClaimCoordinator:
         held = tuple(sorted(claims))
         if held == self.held:
             return False
+        self.declared = tuple(sorted(claims - {self.own_claim}))
         self.held = held
         self.on_change()
         return True
@@ -129,7 +134,9 @@ class ClaimCoordinator:
         now = datetime.now(UTC).timestamp()
         waiting: dict[str, int] = {}
         guest: set[str] = set()
-        for name in await js.consumer_names(wire.TASK_STREAM):
+        names = await js.consumer_names(wire.TASK_STREAM)
+        self._existing = frozenset(names)
+        for name in names:
             parsed = parse_claim_consumer(name)
             if not parsed:
                 continue
@@ -186,6 +193,10 @@ class ClaimCoordinator:
                 for soft in (False, True):
                     placement = wire.claim_placement(claim, soft=soft)
                     name = wire.consumer_name(route.task_type, group, placement)
+                    if claim not in self.declared and name not in self._existing:
+                        # The worker's own name's claim: pulled once a task sent to it has
+                        # made its consumer, not made for every worker and task type.
+                        continue
                     wanted[name] = (route, group, placement)
         for name in self.guest:
             prefix, _, placement = name.rpartition("~")
@@ -202,6 +213,10 @@ class ClaimCoordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Refresh, sweep and apply every interval (and when the members change)."""
+        try:
+            await self.sweep()
+        except NatrioError as exc:
+            log.warning("looking for claim consumers failed: %r; trying again", exc)
         await self.apply()
         task_status.started()
         version = self.membership.version
