@@ -557,7 +557,7 @@ def test_workers_show_partitions_claims_and_tasks_waiting_for_a_claim(
         (entry,) = (info for info in listed if info["worker_id"] == worker_id)
         assert entry["partitions"] == {"cli-part/default": [0, 1, 2, 3]}
         assert set(entry["claims"]) == {"cli-claim", natrio.worker_target("cli-routing")}
-        assert entry["routing"] == {"cli-part": {"partitions": 4}}
+        assert entry["routing"]["cli-part"]["partitions"] == 4
         # A key picks the partition; the task runs in it.
         result = ok(
             invoke("submit", "cli-part", "--url", url, "--key", "k1", "--wait", "--timeout", "10")

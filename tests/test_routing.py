@@ -537,3 +537,73 @@ async def test_a_target_for_a_singleton_waits_and_is_shown(
     await eventually(
         lambda: worker.statistics().waiting_for_claims.get("bounded-target~default~tc") == 1
     )
+
+
+# -- review regressions ----------------------------------------------------------------
+
+
+async def test_an_odd_directory_entry_is_ignored_not_fatal(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    js = JetStream(natrio_client.nc)
+    for key, raw in (("odd1", b"[]"), ("odd2", b'{"routing": {"t": 5}}'), ("odd3", b"\xff")):
+        await js.publish(f"$KV.natrio_workers.{key}", raw)
+    worker = natrio_worker_factory()
+    worker.handle("alive", _noop, partitions=2)
+    await natrio_worker_factory.start(worker)
+    with trio.fail_after(10):
+        await (await natrio_client.submit("alive")).result()
+    assert [w.worker_id for w in await natrio.list_workers(natrio_client.nc)] == [worker.worker_id]
+
+
+async def test_a_task_that_cannot_be_forwarded_is_dead_lettered_not_blocking(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    worker = natrio_worker_factory()
+    worker.handle("fwd", _noop, partitions=2)
+    await natrio_worker_factory.start(worker)
+    js = JetStream(natrio_client.nc)
+    # Stored with an expectation that held for the original and would not for a copy
+    # (JetStream's own headers are not copied), then a plain one behind it.
+    await js.publish(
+        "natrio.task.fwd.default.r1.s", b"", headers={"Nats-Expected-Last-Sequence": "0"}
+    )
+    await js.publish("natrio.task.fwd.default.r3.s", b"fine")
+    with trio.fail_after(15):
+        assert await natrio_client.handle("fwd", "r1", "s").result() == b""
+        await natrio_client.handle("fwd", "r3", "s").result()
+
+
+async def test_a_deleted_partition_count_can_be_stored_again(
+    natrio_connection: natrio.Connection,
+) -> None:
+    from natrio._jetstream import KeyValue
+
+    await natrio.provision(natrio_connection, partitions={"again": 4})
+    await KeyValue(JetStream(natrio_connection), "natrio_routing").delete("partitions.again")
+    await natrio.provision(natrio_connection, partitions={"again": 8})
+    assert await natrio.Client(natrio_connection).partitions("again") == 8
+
+
+async def test_workers_with_another_ack_wait_are_refused_for_a_singleton(
+    natrio_worker_factory: WorkerFactory,
+) -> None:
+    first = natrio_worker_factory()
+    first.handle("acked", _noop, singleton=True, ack_wait=5.0)
+    await natrio_worker_factory.start(first)
+    second = natrio_worker_factory()
+    second.handle("acked", _noop, singleton=True, ack_wait=9.0)
+    with pytest.raises(natrio.ConfigurationError, match="ack_wait"):
+        await natrio_worker_factory.start(second)
+
+
+async def test_a_failing_claims_function_keeps_the_own_name_claim(
+    natrio_worker_factory: WorkerFactory,
+) -> None:
+    def broken() -> list[str]:
+        raise RuntimeError("no claims today")
+
+    worker = natrio_worker_factory(name="steady", claims=broken)
+    worker.handle("j", _noop)
+    await natrio_worker_factory.start(worker)
+    assert worker.claims == (worker_target("steady"),)

@@ -43,6 +43,14 @@ def _deadline(value: float | timedelta | datetime | None) -> float | None:
     return time.time() + float(seconds)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class TaskHandle:
     """A submitted task: its identity, and :meth:`result` to wait for its outcome.
 
@@ -368,8 +376,8 @@ class Client:
     ) -> str | None:
         if not isinstance(soft, bool):
             raise ConfigurationError(f"soft must be True or False, got {soft!r}")
-        if key is not None and not isinstance(key, str):
-            raise ConfigurationError(f"key must be a str, got {key!r}")
+        if key is not None and (not isinstance(key, str) or not _encodable(key)):
+            raise ConfigurationError(f"key must be a str of valid Unicode, got {key!r}")
         if colocate_with is not None:
             if target is not None:
                 raise ConfigurationError("give target or colocate_with, not both")

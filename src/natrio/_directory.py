@@ -33,7 +33,7 @@ async def list_workers(nc: Connection) -> list[WorkerInfo]:
     for key, raw in (await _bucket(nc).items()).items():
         try:
             workers.append(WorkerInfo.from_json(raw))
-        except (ValueError, TypeError, KeyError):
+        except Exception:  # any shape a client in any language may have written
             log.warning("ignoring unreadable directory entry %s", key)
     return sorted(workers, key=lambda w: w.worker_id)
 

@@ -229,17 +229,26 @@ class KeyValue:
         return int(ack["seq"])
 
     async def create(self, key: str, value: bytes) -> bool:
-        """Store ``value`` under ``key`` only if the key has never been written (or was
-        purged); False when it already has a value, which is left as it is."""
-        try:
-            await self.js.publish(
-                self._subject(key), value, headers={"Nats-Expected-Last-Subject-Sequence": "0"}
-            )
-        except JetStreamError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
+        """Store ``value`` under ``key`` only if the key has no value (never written, or
+        deleted); False when it has one, which is left as it is."""
+        expected = "0"
+        for _ in range(2):
+            try:
+                await self.js.publish(
+                    self._subject(key),
+                    value,
+                    headers={"Nats-Expected-Last-Subject-Sequence": expected},
+                )
+                return True
+            except JetStreamError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+            # A deleted key keeps its delete marker: create over that, not over nothing.
+            last = await self.js.last_message(self.stream, self._subject(key))
+            if last is None or last.header("KV-Operation") not in ("DEL", "PURGE"):
                 return False
-            raise
-        return True
+            expected = last.header("Nats-Sequence") or "0"
+        return False
 
     async def get(self, key: str) -> bytes | None:
         """The current value of ``key``, or None when absent, deleted or expired."""

@@ -213,8 +213,15 @@ class WorkerInfo:
 
     @classmethod
     def from_json(cls, raw: bytes) -> WorkerInfo:
-        """Read a stored entry (fields it does not know, from a newer natrio, are ignored)."""
-        data = json.loads(raw)
+        """Read a stored entry (fields it does not know, from a newer natrio, are ignored);
+        ValueError for an entry of another shape."""
+        try:
+            return cls._from_data(json.loads(raw))
+        except (AttributeError, TypeError, KeyError) as exc:
+            raise ValueError(f"not a worker directory entry: {exc!r}") from None
+
+    @classmethod
+    def _from_data(cls, data: Any) -> WorkerInfo:
         known = {field.name for field in attrs.fields(cls)}
         data = {key: value for key, value in data.items() if key in known}
         data["task_types"] = tuple(data["task_types"])

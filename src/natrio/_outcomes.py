@@ -131,7 +131,9 @@ class Reporter:
     async def forward(self, task: Task, placement: str) -> None:
         """Store ``task`` again under ``placement`` (a partition), as it came (its headers
         were checked at the edge); redone after a crash, the copy is a duplicate."""
-        headers = dict(task.headers)
+        # JetStream's own headers (expectations about the original's stream position, its
+        # id) do not apply to the copy.
+        headers = {k: v for k, v in task.headers.items() if not k.lower().startswith("nats-")}
         # One id per stored message: a redelivery of it forwards a duplicate.
         headers[wire.H_MSG_ID] = f"forward:{task.task_type}:{task.seq}"
         await self._publish_durably(

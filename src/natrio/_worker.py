@@ -507,6 +507,9 @@ class Worker:
             if route.max_in_flight is not None:
                 bounds["max_in_flight"] = route.max_in_flight
             if bounds:
+                # Every worker keeps its tasks alive by its own ack wait, and the consumer
+                # has one: the bound holds only if they agree.
+                bounds["ack_wait_ms"] = round(route.ack_wait * 1000)
                 routing[route.task_type] = bounds
         return WorkerInfo(
             worker_id=self.worker_id,
@@ -647,6 +650,8 @@ class Worker:
                     # wait passes: no longer than its entry takes to expire.
                     route = attrs.evolve(route, ack_wait=ttl)
                     self._routes[task_type] = route
+                for group in self.groups:
+                    self._check_ack_wait(membership, route, group)
                 plan.partitioned.extend((route, group) for group in self.groups)
                 # Tasks published without a partition are moved into theirs, one at a time.
                 plan.plain.extend((route, group, 1, 1) for group in self.groups)
@@ -682,8 +687,24 @@ class Worker:
                 f"this one is {self.nc.server_version})"
             ) from None
 
+    def _check_ack_wait(self, membership: Membership, route: Route, group: str) -> None:
+        # A worker whose ack wait is longer than the consumer's keeps its task alive too
+        # seldom: the server would hand it to another while it still runs.
+        mine = round(route.ack_wait * 1000)
+        for other in membership.serving(route.task_type, group):
+            theirs = other.routing.get(route.task_type, {}).get("ack_wait_ms")
+            if theirs is not None and theirs != mine:
+                raise ConfigurationError(
+                    f"worker {other.worker_id} serves {route.task_type!r} in {group!r} with "
+                    f"ack_wait {theirs / 1000:g} s, this worker with {mine / 1000:g} s: a "
+                    "partitioned or bounded task type needs one ack wait (stop every worker "
+                    "of the task type before changing it)"
+                )
+
     def _check_bound(self, membership: Membership, route: Route, group: str) -> None:
         # A bound across the deployment holds only if every worker pulls with it.
+        if route.max_in_flight is not None:
+            self._check_ack_wait(membership, route, group)
         mine = route.max_in_flight
         for other in membership.serving(route.task_type, group):
             theirs = other.routing.get(route.task_type, {}).get("max_in_flight")
@@ -730,17 +751,20 @@ class Worker:
         live = consumers.close()
         for consumer in live:
             consumer.stop_pulling()
-        if registration.registered:
+
+        async def mark_stopping() -> None:
             # Marked stopping, the others take its partitions and claims now, not when its
             # entry is gone after the grace (the server still withholds a partition's next
             # task until the one this worker runs is settled).
-            with trio.move_on_after(0.15):
-                try:
-                    await registration.refresh()
-                except NatrioError as exc:
-                    log.warning("could not mark the directory entry stopping: %r", exc)
+            try:
+                await registration.refresh()
+            except NatrioError as exc:
+                log.warning("could not mark the directory entry stopping: %r", exc)
+
         with trio.move_on_after(0.2):
             async with trio.open_nursery() as nursery:
+                if registration.registered:
+                    nursery.start_soon(mark_stopping)
                 for consumer in live:
                     nursery.start_soon(consumer.stop)
         await dispatcher.shutdown(grace)

@@ -14,7 +14,14 @@ import trio
 
 from .. import _wire as wire
 from .._context import TaskContext
-from .._errors import ExecutionPaused, HandlerTimeout, MalformedTask, NatrioError
+from .._errors import (
+    ExecutionPaused,
+    HandlerTimeout,
+    JetStreamError,
+    MalformedTask,
+    NatrioError,
+    PayloadTooLarge,
+)
 from .._jetstream import JetStream
 from .._model import Task
 from .._retry import RetryPolicy
@@ -127,8 +134,19 @@ class Executor:
             # one key keep their order on the way.
             key = task.headers.get(wire.H_KEY) or task.run_id
             placement = wire.partition_placement(partition_of(key, route.partitions))
-            with self.recorder.recording_scope():
-                await self.reporter.forward(task, placement)
+            try:
+                with self.recorder.recording_scope():
+                    await self.reporter.forward(task, placement)
+            except (JetStreamError, PayloadTooLarge) as exc:
+                # Refused for good (a copy over max_payload, a stream limit): dead-lettered,
+                # or it would hold every later task of the plain consumer behind it.
+                self.malformed += 1
+                await self.recorder.malformed(
+                    delivery,
+                    f"cannot be moved into partition {placement}: {exc}",
+                    self.inbox_prefix,
+                )
+                return
             delivery.ack()
             self.forwarded += 1
             return

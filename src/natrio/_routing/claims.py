@@ -99,16 +99,20 @@ class ClaimCoordinator:
         """Read the claims (calling the function, if one was given); whether they changed."""
         claims = {self.own_claim, *self.static_claims}
         if self.source is not None:
+            found: Any = None
             try:
-                found = self.source()
-                if inspect.isawaitable(found):
-                    found = await found
+                # The function is the application's: bounded, and a failure keeps the
+                # claims it returned last rather than dropping them (or the worker).
+                with trio.move_on_after(self.interval):
+                    found = self.source()
+                    if inspect.isawaitable(found):
+                        found = await found
+                if found is None:
+                    raise TimeoutError(f"no answer within {self.interval} s")
                 claims.update(check_claims(list(found)))
             except (ConfigurationError, Exception) as exc:
-                # The function is the application's: a failure keeps the claims as they
-                # were rather than dropping them (or the worker).
                 log.warning("the claims function failed: %r; keeping %s", exc, self.held)
-                return False
+                claims.update(self.held)
         held = tuple(sorted(claims))
         if held == self.held:
             return False

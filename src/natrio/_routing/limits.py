@@ -302,7 +302,7 @@ def counter_stream_config(*, replicas: int, storage: str) -> dict[str, Any]:
     Message counters (``allow_msg_counter``, nats-server 2.12+): each publish carries a
     ``Nats-Incr`` header and no payload, and the PubAck returns the subject's new total.
     Every counter message holds its running total, so one message per subject is all a
-    counter keeps. A counter lives two days after its last increment (counter streams
+    counter keeps. A counter lives two hours after its last increment (counter streams
     cannot use per-message TTLs), longer than any rate-limit window.
     """
     if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:

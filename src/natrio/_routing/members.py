@@ -7,7 +7,6 @@ import logging
 import trio
 
 from .._directory import list_workers
-from .._errors import NatrioError
 from .._model import WorkerInfo
 from .._transport import Connection
 
@@ -65,7 +64,7 @@ class Membership:
         """Read the directory every interval until cancelled; started after the first read."""
         try:
             await self.refresh()
-        except NatrioError as exc:
+        except Exception as exc:
             log.warning("reading the worker directory failed: %r", exc)
         task_status.started()
         while True:
@@ -74,7 +73,7 @@ class Membership:
             self._poke = trio.Event()
             try:
                 await self.refresh()
-            except NatrioError as exc:
+            except Exception as exc:  # a bad entry or a failed read: the last view stays
                 log.warning("reading the worker directory failed: %r; trying again", exc)
 
 
