@@ -92,6 +92,9 @@ class Reporter:
             # Every event of an execution says when it began, so its history needs no
             # started event for the many tasks that end before one is sent.
             headers[wire.H_STARTED] = f"{task.started_at:.6f}"
+        if task.iteration > 1:
+            # Tells a redelivered earlier iteration that the loop has moved past it.
+            headers.setdefault(wire.H_ITERATION, str(task.iteration))
         return headers
 
     def started(self, task: Task) -> None:
@@ -370,13 +373,23 @@ class Reporter:
     async def finish_if_done(self, task: Task) -> str | None:
         """If this very task message already completed, continued or died (a redelivery
         after a crash between recording that and the settlement), tell a waiting client
-        again and return how to settle it now (``"ack"`` or ``"term"``), else None."""
+        again and return how to settle it now (``"ack"`` or ``"term"``), else None.
+
+        Only the step's last event of each kind is kept at hand, so an agent loop that
+        went on after this iteration's settlement was lost shows a later iteration's
+        event: that one proves this iteration continued (a later iteration exists only
+        once an earlier one continued), and the stale message is acked without running.
+        """
         for kind in (wire.COMPLETED, wire.CONTINUED, wire.DEAD):
             last = await self.js.last_message(
                 wire.EVENT_STREAM,
                 wire.event_subject(task.task_type, task.run_id, task.step_id, kind),
             )
-            if last is None or last.header(wire.H_TASK_SEQ) != str(task.seq):
+            if last is None:
+                continue
+            if last.header(wire.H_TASK_SEQ) != str(task.seq):
+                if later_iteration(last, task):
+                    return "ack"
                 continue
             if kind == wire.DEAD:
                 return "term"  # dead-lettered already; only the TERM was lost
@@ -388,3 +401,14 @@ class Reporter:
                 )
             return "ack"
         return None
+
+
+def later_iteration(event: Message, task: Task) -> bool:
+    """Whether ``event`` was recorded by a later iteration of ``task``'s step, stored
+    after it (a fresh loop submitted again under the same ids starts at iteration 1)."""
+    try:
+        iteration = int(event.header(wire.H_ITERATION) or "1")
+        seq = int(event.header(wire.H_TASK_SEQ) or "0")
+    except ValueError:
+        return False
+    return iteration > task.iteration and seq > task.seq
