@@ -335,6 +335,8 @@ class Client:
             payload,
             headers=message_headers,
         )
+        if placement is not None and placement[0] in "ts":
+            await self._ensure_claim_consumer(task_type, group, placement)
         duplicate = bool(ack.get("duplicate"))
         return TaskHandle(
             self,
@@ -376,8 +378,10 @@ class Client:
     ) -> str | None:
         if not isinstance(soft, bool):
             raise ConfigurationError(f"soft must be True or False, got {soft!r}")
-        if key is not None and (not isinstance(key, str) or not _encodable(key)):
-            raise ConfigurationError(f"key must be a str of valid Unicode, got {key!r}")
+        if soft and target is None and colocate_with is None:
+            raise ConfigurationError("soft applies to a target: give target or colocate_with")
+        if key is not None and (not isinstance(key, str) or not key or not _encodable(key)):
+            raise ConfigurationError(f"key must be a non-empty str of valid Unicode, got {key!r}")
         if colocate_with is not None:
             if target is not None:
                 raise ConfigurationError("give target or colocate_with, not both")
@@ -404,21 +408,21 @@ class Client:
                 "partitioned worker first"
             )
         if target is None:
-            if soft:
-                raise ConfigurationError("soft applies to a target: give target or colocate_with")
             return None
-        placement = wire.claim_placement(target, soft=soft)
-        # The consumer exists from now on, so the task is visible (waiting for its claim)
-        # even while no worker holding the claim is alive, and a soft one can be taken over.
+        return wire.claim_placement(target, soft=soft)
+
+    async def _ensure_claim_consumer(self, task_type: str, group: str, placement: str) -> None:
+        # Made (when missing) after the task is stored, so that a worker's sweep deleting
+        # the consumer as unused meanwhile finds the task when it looks again afterwards
+        # and makes it anew (ClaimCoordinator.sweep). From then on the task is visible,
+        # waiting for its claim, and a soft one can be taken over.
         config = wire.consumer_config(task_type, group, 30.0, placement=placement)
-        name = config["durable_name"]
         try:
-            await self.js.consumer_info(wire.TASK_STREAM, name)
+            await self.js.consumer_info(wire.TASK_STREAM, config["durable_name"])
         except JetStreamError as exc:
             if exc.err_code != CONSUMER_NOT_FOUND:
                 raise
             await self.js.ensure_consumer(wire.TASK_STREAM, config)
-        return placement
 
     def stream(self, run_id: str, step_id: str) -> StepStream:
         """The streamed output of a step, until the step ends (see :class:`StepStream`)."""

@@ -193,11 +193,16 @@ class JetStream:
             if exc.err_code != CONSUMER_NOT_FOUND:
                 raise
 
-    async def last_message(self, stream: str, subject: str) -> Message | None:
-        """The last message stored on ``subject`` (a direct get), or None when there is none."""
+    @staticmethod
+    def direct_get_subject(stream: str, subject: str) -> str:
+        """The request subject of a direct get of the last message on ``subject``."""
         # The subject in the request subject (not the body), so that permissions can
         # scope who may read what.
-        return _found(await self._request(f"{API}.DIRECT.GET.{stream}.{subject}", b""))
+        return f"{API}.DIRECT.GET.{stream}.{subject}"
+
+    async def last_message(self, stream: str, subject: str) -> Message | None:
+        """The last message stored on ``subject`` (a direct get), or None when there is none."""
+        return _found(await self._request(self.direct_get_subject(stream, subject), b""))
 
     async def next_message(
         self, stream: str, subject: str, *, after: int
@@ -249,6 +254,10 @@ class KeyValue:
                 return False
             expected = last.header("Nats-Sequence") or "0"
         return False
+
+    def direct_get_subject(self, key: str) -> str:
+        """The request subject of a direct get of ``key``'s last entry."""
+        return self.js.direct_get_subject(self.stream, self._subject(key))
 
     async def get(self, key: str) -> bytes | None:
         """The current value of ``key``, or None when absent, deleted or expired."""

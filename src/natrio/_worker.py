@@ -565,6 +565,9 @@ class Worker:
         )
         self._dispatcher = dispatcher
         registration = Registration(self.nc, self._token, self._describe)
+        # Exclusive deliveries (partitions, bounded types) are fenced unless the link is
+        # proven: by reading the worker's own directory entry, which it may always read.
+        dispatcher.probe_subject = registration.kv.direct_get_subject(registration.key)
         # Partitions move when members change: looked at twice a second; otherwise the
         # directory only matters to claims, looked at every 2 s anyway.
         partitioned = any(route.partitions is not None for route in self._routes.values())
@@ -677,7 +680,7 @@ class Worker:
 
     async def _check_counters(self) -> None:
         try:
-            await JetStream(self.nc).stream_info(wire.COUNTER_STREAM)
+            info = await JetStream(self.nc).stream_info(wire.COUNTER_STREAM)
         except JetStreamError as exc:
             if exc.err_code != STREAM_NOT_FOUND:
                 raise
@@ -686,6 +689,12 @@ class Worker:
                 f"does not exist: run natrio.provision() (it needs nats-server 2.12 or later; "
                 f"this one is {self.nc.server_version})"
             ) from None
+        if not info.get("config", {}).get("allow_msg_counter"):
+            # Without it every increment would be refused, each task's check failing.
+            raise NatrioError(
+                f"the {wire.COUNTER_STREAM} stream does not allow message counters "
+                "(allow_msg_counter): delete it and run natrio.provision() again"
+            )
 
     def _check_ack_wait(self, membership: Membership, route: Route, group: str) -> None:
         # A worker whose ack wait is longer than the consumer's keeps its task alive too

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from .._context import TaskContext
     from .._transport import Message
+    from .lease import Lease
 
 log = logging.getLogger("natrio.dispatcher")
 
@@ -49,8 +50,10 @@ class Delivery:
         "cancelled_by_shutdown",
         "ctx",
         "deferred_until",
+        "fenced",
         "group",
         "last_progress",
+        "lease",
         "msg",
         "position",
         "route",
@@ -86,6 +89,10 @@ class Delivery:
         # Trio time a rate limit holds it until, or None: held, not settled, then tried again.
         self.deferred_until: float | None = None
         self.settled = False
+        # The lease of an exclusive delivery (a partition's, a bounded type's), else None;
+        # fenced: given up when the lease ran short, never to be settled from here.
+        self.lease: Lease | None = None
+        self.fenced = False
         self._holds = 1
         self._send = send
         self._on_release = on_release
@@ -129,6 +136,16 @@ class Delivery:
         self.last_progress = now
         if not self.settled:
             self._send_safely(b"+WPI")
+            if self.lease is not None:
+                self.lease.renewed(now)
+
+    def fence(self) -> None:
+        """Give the delivery up: its lease may have run out, so the server may have handed
+        it to another worker; nothing more is sent for it, and its handler is cancelled."""
+        self.fenced = True
+        self.settled = True
+        if self.running and self.scope is not None:
+            self.scope.cancel()
 
     # -- holds ------------------------------------------------------------------------
 

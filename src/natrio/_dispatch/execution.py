@@ -296,6 +296,8 @@ class Executor:
     async def interrupted(self, delivery: Delivery) -> None:
         """Record why a cancelled execution ended: handed back at shutdown, or past its deadline."""
         ctx = delivery.ctx
+        if delivery.fenced:
+            return  # given up: another worker may run it now, this one records nothing
         if ctx is not None and ctx.finished:
             return  # its outcome was recorded (or is lost with the NAK that follows)
         if delivery.cancelled_by_shutdown or ctx is None:

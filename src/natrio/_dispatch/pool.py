@@ -22,6 +22,7 @@ from ..middleware import Middleware
 from .delivery import Delivery
 from .edge import ack_position
 from .execution import Executor, Route
+from .lease import Lease, Prober
 from .queue import Closed, RunnerQueue
 from .recording import Recorder, StepHooks
 
@@ -55,6 +56,8 @@ class DispatcherStatistics:
     waiting_for_rate: int = 0
     #: Tasks published without their partition, moved into it.
     forwarded: int = 0
+    #: Exclusive deliveries given up because their lease ran short (see docs/routing.md).
+    fenced: int = 0
 
 
 class Dispatcher:
@@ -111,11 +114,27 @@ class Dispatcher:
         self._deferral_order = itertools.count()
         self._deferral_changed = trio.Event()
         self._tick_changed = trio.Event()
+        #: The request whose answer proves the link (set for workers with exclusive
+        #: consumers: a read of the worker's own directory entry); None: no fencing.
+        self.probe_subject: str | None = None
+        self._prober = Prober()
+        self._exclusive = 0
+        self.fenced = 0
 
     # -- intake -----------------------------------------------------------------------
 
-    def sink(self, route: Route, group: str, consumer: PullConsumer) -> Callable[[Message], None]:
-        """The function the consumer of ``route``'s task type in ``group`` hands messages to."""
+    def sink(
+        self, route: Route, group: str, consumer: PullConsumer, *, exclusive: bool = False
+    ) -> Callable[[Message], None]:
+        """The function the consumer of ``route``'s task type in ``group`` hands messages to.
+
+        ``exclusive``: the consumer lets one task (or a bound of them) out at a time, so
+        its deliveries hold leases and are fenced when the link cannot prove them (see
+        :mod:`natrio._dispatch.lease`); call :meth:`prove_link` before it first pulls.
+        """
+        prober = self._prober if exclusive and self.probe_subject is not None else None
+        if prober is not None:
+            self._exclusive += 1
         if route.ack_wait / 6 < self._tick:
             self._tick = route.ack_wait / 6
             self._tick_changed.set()  # the keep-alive loop may be sleeping a longer tick
@@ -149,6 +168,13 @@ class Dispatcher:
                 delivery.nak()  # at once: another worker takes it
                 delivery.let_go()
                 return
+            if prober is not None:
+                lease = delivery.lease = prober.lease(route.ack_wait)
+                if lease.fenced(delivery.last_progress):
+                    # Sent before the last proof of the link: it may be another's by now.
+                    self._fence(delivery)
+                    delivery.let_go()
+                    return
             self._held.add(delivery)
             self._queue.put(delivery)
 
@@ -172,6 +198,7 @@ class Dispatcher:
         itself); they end once :meth:`shutdown` has handed every task back, or at once when
         cancelled while nothing runs.
         """
+        remove_listener = self.conn.add_reconnect_listener(self._on_reconnect)
         async with trio.open_nursery() as nursery:
             self.recorder.spawn = nursery.start_soon
             for _ in range(self.concurrency):
@@ -188,6 +215,7 @@ class Dispatcher:
                 self.stopping = True
                 self._keep_alive_scope.cancel()
                 self._queue.close()
+                remove_listener()
 
     async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
         # A loop of the dispatcher's own that fails is a bug, not a task's doing: report it
@@ -257,7 +285,7 @@ class Dispatcher:
         try:
             if self.stopping:
                 await self.executor.hand_back(delivery)
-            else:
+            elif not delivery.fenced:  # fenced while it waited: it is another's now
                 await self.executor.execute(delivery, scope)
         except BaseException as exc:
             if scope.cancel_called:
@@ -328,6 +356,60 @@ class Dispatcher:
                 for delivery in list(self._held):
                     if now - delivery.last_progress >= delivery.route.ack_wait / 3:
                         delivery.in_progress(now)
+                if self._exclusive:
+                    self._check_leases(now)
+
+    def _leases(self) -> list[Lease]:
+        return [d.lease for d in self._held if d.lease is not None and not d.fenced]
+
+    def _check_leases(self, now: float) -> None:
+        # Fence what the link no longer proves; then probe it (once the keep-alives above
+        # are queued, so that the answer proves them).
+        for delivery in list(self._held):
+            lease = delivery.lease
+            if lease is not None and not delivery.fenced and lease.fenced(now):
+                self._fence(delivery)
+        assert self.probe_subject is not None
+        prober = self._prober
+        if not prober.due():
+            return
+        sent, epoch = now, prober.epoch
+
+        def on_answer(msg: Message | None, error: BaseException | None) -> None:
+            if epoch == prober.epoch:
+                prober.outstanding = False
+            if msg is not None:
+                prober.answered(sent, epoch, trio.current_time(), self._leases())
+
+        try:
+            self.conn.request_nowait(
+                self.probe_subject, b"", timeout=self._tick * 2, on_reply=on_answer
+            )
+        except Exception as exc:  # the connection is closed: the leases run out
+            prober.outstanding = False
+            log.debug("cannot probe the link: %r", exc)
+
+    async def prove_link(self) -> None:
+        """One probe, awaited: exclusive deliveries arriving after it hold a lease from its
+        send time. Raises what the request raises."""
+        if self.probe_subject is None:
+            return
+        prober = self._prober
+        sent, epoch = trio.current_time(), prober.epoch
+        await self.conn.request(self.probe_subject, b"", timeout=5.0)
+        prober.answered(sent, epoch, trio.current_time(), self._leases())
+
+    def _on_reconnect(self) -> None:
+        self._prober.reconnected(self._leases())
+
+    def _fence(self, delivery: Delivery) -> None:
+        self.fenced += 1
+        log.warning(
+            "giving up %s: the link to the server has not been proven for too long, so the "
+            "server may have handed it to another worker",
+            delivery.msg.subject[:200],
+        )
+        delivery.fence()
 
     async def _announce_started(self) -> None:
         # Started events for handlers that have run for started_event_after seconds: one
@@ -433,4 +515,5 @@ class Dispatcher:
             deferred=self.executor.deferrals,
             waiting_for_rate=len(self._deferred),
             forwarded=self.executor.forwarded,
+            fenced=self.fenced,
         )

@@ -186,8 +186,22 @@ class ClaimCoordinator:
                     log.info("deleting consumer %s: claim %r unheld and unused", name, claim)
                     await js.delete_consumer(wire.TASK_STREAM, name)
                     guest.discard(name)
+                    assert served is not None  # untargetable ones were skipped above
+                    await self._restore_if_stored(served[0], served[1], name)
         self.waiting = waiting
         self.guest = frozenset(guest)
+
+    async def _restore_if_stored(self, route: Route, group: str, name: str) -> None:
+        # A client stores a targeted task first and then makes its consumer when missing:
+        # a task stored while this sweep deleted the consumer is found here (the client's
+        # look for the consumer came before the deletion), and its consumer made anew.
+        placement = name.rpartition("~")[2]
+        config = wire.consumer_config(route.task_type, group, route.ack_wait, placement=placement)
+        js = self.consumers.js
+        info = await js.stream_info(wire.TASK_STREAM, subjects_filter=config["filter_subject"])
+        if (info.get("state") or {}).get("subjects"):
+            log.info("consumer %s: a task arrived while it was deleted; made again", name)
+            await js.ensure_consumer(wire.TASK_STREAM, config)
 
     async def apply(self) -> None:
         """Pull the consumers of the held claims and of the guest soft targets, no others."""
@@ -212,7 +226,9 @@ class ClaimCoordinator:
                 self._pulled.discard(name)
         for name, (route, group, placement) in wanted.items():
             if name not in self.consumers:
-                await self.consumers.add(route, group, placement)
+                # A guest's consumer deleted as unused (by any worker's sweep) stays deleted:
+                # recreating it would keep every soft claim's consumer for ever.
+                await self.consumers.add(route, group, placement, recreate=name not in self.guest)
             self._pulled.add(name)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

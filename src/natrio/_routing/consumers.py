@@ -63,9 +63,11 @@ class ConsumerSet:
         *,
         max_ack_pending: int = -1,
         window: int | None = None,
+        recreate: bool = True,
     ) -> PullConsumer | None:
         """Create the consumer of ``route`` in ``group`` (and ``placement``) and pull it;
-        None when it is pulled already or the set is closing."""
+        None when it is pulled already or the set is closing. When the consumer is deleted
+        while pulled, it is made again, or (``recreate`` false) no longer pulled."""
         name = wire.consumer_name(route.task_type, group, placement)
         if name in self._live or self._closed or self._nursery is None:
             return None
@@ -77,10 +79,17 @@ class ConsumerSet:
             max_ack_pending=max_ack_pending,
         )
 
-        async def recreate(config: dict[str, Any] = config) -> None:
+        async def make(config: dict[str, Any] = config) -> None:
             await self.js.ensure_consumer(wire.TASK_STREAM, config)
 
-        await recreate()
+        async def forget() -> None:
+            self.remove(name)
+
+        await make()
+        exclusive = max_ack_pending > 0
+        if exclusive:
+            # Its deliveries' leases start from a proof of the link (see Dispatcher.sink).
+            await self.dispatcher.prove_link()
         if name in self._live or self._closed:
             return None
         consumer = PullConsumer(
@@ -88,9 +97,11 @@ class ConsumerSet:
             stream=wire.TASK_STREAM,
             name=name,
             window=window or self.window,
-            recreate=recreate,
+            recreate=make if recreate else forget,
         )
-        consumer.sink = self.dispatcher.sink(route, wire.group_token(group, placement), consumer)
+        consumer.sink = self.dispatcher.sink(
+            route, wire.group_token(group, placement), consumer, exclusive=exclusive
+        )
         self._live[name] = consumer
         await self._nursery.start(consumer.run)
         return consumer
