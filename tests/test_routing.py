@@ -607,3 +607,55 @@ async def test_a_failing_claims_function_keeps_the_own_name_claim(
     worker.handle("j", _noop)
     await natrio_worker_factory.start(worker)
     assert worker.claims == (worker_target("steady"),)
+
+
+async def test_an_empty_key_and_a_soft_task_without_target_are_refused(
+    natrio_client: natrio.Client,
+) -> None:
+    await natrio.provision(natrio_client.nc, partitions={"keyed-refusals": 2})
+    with pytest.raises(natrio.ConfigurationError, match="non-empty"):
+        await natrio_client.submit("keyed-refusals", key="")
+    with pytest.raises(natrio.ConfigurationError, match="soft applies to a target"):
+        await natrio_client.submit("keyed-refusals", key="k", soft=True)
+
+
+async def test_a_task_stored_while_its_claim_consumer_was_deleted_gets_it_back(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    # The clean-up's race: the sweep found the consumer unused, a client stored a task
+    # for the claim (its look for the consumer came first), the sweep deleted it.
+    worker = natrio_worker_factory(name="sweeper")
+    worker.handle("c", _noop)
+    await natrio_worker_factory.start(worker)
+    assert worker._claims is not None
+    js = JetStream(natrio_client.nc)
+    await js.publish("natrio.task.c.default~tgone.r.c", b"", headers={"Nats-Msg-Id": "raced"})
+    (route, group) = worker._claims.routes[0]
+    await worker._claims._restore_if_stored(route, group, "c~default~tgone")
+    info = await js.consumer_info("NATRIO_TASKS", "c~default~tgone")
+    assert info["num_pending"] == 1
+    # Nothing stored: nothing made.
+    await worker._claims._restore_if_stored(route, group, "c~default~tnothing")
+    assert "c~default~tnothing" not in await js.consumer_names("NATRIO_TASKS")
+
+
+async def test_guests_do_not_make_a_deleted_soft_consumer_again(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    guests = [natrio_worker_factory(name=f"guest-{i}") for i in range(2)]
+    for guest in guests:
+        guest.handle("g", _noop)
+        await natrio_worker_factory.start(guest)
+    handle = await natrio_client.submit("g", target="away", soft=True)
+    with trio.fail_after(10):
+        await handle.result()
+    name = "g~default~saway"
+    for guest in guests:
+        assert guest._consumer_set is not None
+        await eventually(lambda guest=guest: name in guest._consumer_set)  # type: ignore[misc]
+    # Another worker's clean-up deletes it.
+    js = JetStream(natrio_client.nc)
+    await js.delete_consumer("NATRIO_TASKS", name)
+    for guest in guests:
+        await eventually(lambda guest=guest: name not in guest._consumer_set)  # type: ignore[misc]
+    assert name not in await js.consumer_names("NATRIO_TASKS")

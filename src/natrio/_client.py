@@ -250,6 +250,8 @@ class Client:
 
     #: Seconds after which a task type found unpartitioned is looked up again.
     PARTITIONS_RECHECK = 2.0
+    #: Seconds after which a stored partition count is read again.
+    PARTITIONS_REFRESH = 30.0
 
     def __init__(
         self, nc: Connection, *, timeout: float = 5.0, check_interval: float = 5.0
@@ -257,7 +259,7 @@ class Client:
         self.nc = nc
         self.js = JetStream(nc, timeout=timeout)
         self.check_interval = check_interval
-        # Task type -> (partition count or None, when to look again for a None).
+        # Task type -> (partition count or None, when to look it up again).
         self._partitions: dict[str, tuple[int | None, float]] = {}
 
     async def submit(
@@ -290,8 +292,9 @@ class Client:
         Routing (docs/routing.md): a partitioned task type's task goes to the partition
         of ``key`` (default: the run id, so a run's steps keep their order); ``target``
         runs it only on a worker holding that claim, ``colocate_with`` on the worker that
-        completed the given handle's task (:func:`natrio.worker_target` of its name);
-        with ``soft`` another worker takes it while no holder of the claim is alive.
+        completed the given handle's task (:func:`natrio.worker_target` of its name;
+        this waits for that task's outcome first); with ``soft`` another worker takes it
+        while no holder of the claim is alive.
         """
         wire.check_name("task type", task_type)
         group = wire.check_name("group", group) if group is not None else wire.DEFAULT_GROUP
@@ -353,16 +356,18 @@ class Client:
     async def partitions(self, task_type: str) -> int | None:
         """The partition count stored for ``task_type``, or None when it is not partitioned.
 
-        A count, once stored, never changes while tasks are queued, so it is kept; the
-        absence of one is looked up again after :attr:`PARTITIONS_RECHECK` seconds.
+        A count is kept for :attr:`PARTITIONS_REFRESH` seconds (it changes only while no
+        worker of the type runs, see docs/routing.md); the absence of one is looked up
+        again after :attr:`PARTITIONS_RECHECK` seconds.
         """
         wire.check_name("task type", task_type)
         cached = self._partitions.get(task_type)
         now = trio.current_time()
-        if cached is not None and (cached[0] is not None or now < cached[1]):
+        if cached is not None and now < cached[1]:
             return cached[0]
         count = await stored_partitions(self.nc, task_type)
-        self._partitions[task_type] = (count, now + self.PARTITIONS_RECHECK)
+        keep = self.PARTITIONS_RECHECK if count is None else self.PARTITIONS_REFRESH
+        self._partitions[task_type] = (count, now + keep)
         return count
 
     async def _placement(

@@ -598,7 +598,11 @@ class Worker:
                                 route, group, None, max_ack_pending=max_ack_pending, window=window
                             )
                         self._partitions = PartitionCoordinator(
-                            plan.partitioned, consumers, membership, worker_id=self.worker_id
+                            plan.partitioned,
+                            consumers,
+                            membership,
+                            worker_id=self.worker_id,
+                            on_change=registration.refresh_soon,
                         )
                         self._claims = ClaimCoordinator(
                             plan.targetable,

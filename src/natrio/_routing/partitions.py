@@ -12,7 +12,7 @@ never run tasks of one partition at once, and a key's tasks run in stream order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -95,11 +95,13 @@ class PartitionCoordinator:
         membership: Membership,
         *,
         worker_id: str,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.routes = list(routes)
         self.consumers = consumers
         self.membership = membership
         self.worker_id = worker_id
+        self.on_change = on_change
         #: The partitions held now, by ``<task_type>/<group>``.
         self.held: dict[str, tuple[int, ...]] = {}
         self.rebalances = 0
@@ -118,25 +120,33 @@ class PartitionCoordinator:
             mine = assign(partitions, members).get(self.worker_id, ())
             label = f"{route.task_type}/{group}"
             before = self.held.get(label, ())
-            for partition in before:
-                if partition not in mine:
-                    self.consumers.remove(
-                        wire.consumer_name(
-                            route.task_type, group, wire.partition_placement(partition)
-                        )
-                    )
-            for partition in mine:
-                await self.consumers.add(
-                    route,
-                    group,
-                    wire.partition_placement(partition),
-                    max_ack_pending=1,
-                    window=1,
+            names = {
+                partition: wire.consumer_name(
+                    route.task_type, group, wire.partition_placement(partition)
                 )
-            if mine != before:
-                self.rebalances += 1
-                log.info("holding partitions %s of %s", _ranges(mine), label)
-            self.held[label] = mine
+                for partition in range(partitions)
+            }
+            try:
+                # What is pulled, not what was meant to be: an earlier apply may have
+                # failed half-way.
+                for partition, name in names.items():
+                    if partition not in mine and name in self.consumers:
+                        self.consumers.remove(name)
+                for partition in mine:
+                    await self.consumers.add(
+                        route,
+                        group,
+                        wire.partition_placement(partition),
+                        max_ack_pending=1,
+                        window=1,
+                    )
+            finally:
+                held = tuple(p for p, name in names.items() if name in self.consumers)
+                self.held[label] = held
+                if held != before:
+                    self.rebalances += 1
+                    log.info("holding partitions %s of %s", _ranges(held), label)
+                    self.on_change()  # the directory entry says which, for `natrio workers`
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Apply the assignment, then again after every change of members."""
