@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,10 @@ from natrio import _wire as wire
 from natrio._jetstream import JetStream
 
 from .chaos import harness
+from .procs import WorkerPool, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TASK_TYPE = "job"
 # Seconds a process that dropped a claim may still run tasks of it: what the server
 # delivered to it before it stopped pulling (at most its prefetch) still runs there.
@@ -42,122 +40,21 @@ HANDOVER = 2.0
 # -- worker processes --------------------------------------------------------------------
 
 
-class WorkerProcess:
-    """One ``tests.routing_proc_worker`` process and every line it printed."""
-
-    def __init__(self, name: str, process: trio.Process) -> None:
-        self.name = name
-        self.process = process
-        self.lines: list[str] = []
-        self.worker_id = ""
-        self.ended = False
-        self._new_line = trio.Event()
-
-    @property
-    def alive(self) -> bool:
-        return self.process.returncode is None
-
-    async def read(self) -> None:
-        """Collect stdout line by line until it closes (so the pipe never fills)."""
-        assert self.process.stdout is not None
-        buffer = bytearray()
-        try:
-            with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                while chunk := await self.process.stdout.receive_some():
-                    buffer.extend(chunk)
-                    while (end := buffer.find(b"\n")) >= 0:
-                        self.lines.append(buffer[:end].decode("utf-8", errors="replace"))
-                        del buffer[: end + 1]
-                    self._new_line.set()
-                    self._new_line = trio.Event()
-        finally:
-            self.ended = True
-            self._new_line.set()
-
-    async def line(self, match: Callable[[str], bool] | str, *, after: int = 0) -> int:
-        """The index of the first line from ``after`` on that ``match`` accepts (a str:
-        that starts with it), waiting for it; fails if the process ends first."""
-        accept = match if callable(match) else (lambda line: line.startswith(match))
-        while True:
-            for index in range(after, len(self.lines)):
-                if accept(self.lines[index]):
-                    return index
-            after = len(self.lines)
-            if self.ended:
-                raise AssertionError(
-                    f"worker process {self.name} ended (status {self.process.returncode}) "
-                    f"without printing {match!r}; it printed {self.lines[-20:]}"
-                )
-            await self._new_line.wait()
-
-    def ran(self) -> list[str]:
-        """The run ids of the tasks this process started, in order."""
-        return [line.split()[1] for line in self.lines if line.startswith("RAN ")]
-
-    async def ran_count(self, count: int, *, after: int = 0) -> None:
-        """Wait until ``count`` tasks started here after line ``after``."""
-        for _ in range(count):
-            after = await self.line("RAN ", after=after) + 1
+def worker_pool(url: str) -> AbstractAsyncContextManager[WorkerPool]:
+    """``tests.routing_proc_worker`` processes (``pool.start(name, *options)``), all killed
+    and reaped on the way out."""
+    return WorkerPool(url, "tests.routing_proc_worker", ready_within=15, named=True).running()
 
 
-class WorkerPool:
-    """Starts worker processes against one server; :func:`worker_pool` kills them all."""
-
-    def __init__(self, nursery: trio.Nursery, url: str) -> None:
-        self.nursery = nursery
-        self.url = url
-        self.processes: list[WorkerProcess] = []
-
-    async def start(self, name: str, *options: str) -> WorkerProcess:
-        """Start a worker named ``name`` and return once it printed ``READY``."""
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.routing_proc_worker", self.url, name, *options],
-            stdout=subprocess.PIPE,
-            cwd=REPO_ROOT,
-        )
-        worker = WorkerProcess(name, process)
-        self.processes.append(worker)
-        self.nursery.start_soon(worker.read)
-        with trio.fail_after(15):
-            ready = await worker.line("READY ")
-        worker.worker_id = worker.lines[ready].split()[1]
-        return worker
-
-    async def start_all(self, *specs: tuple[str, ...]) -> list[WorkerProcess]:
-        """Start several workers at once (each spec: name, options...), in that order."""
-        started: dict[int, WorkerProcess] = {}
-
-        async def one(index: int, spec: tuple[str, ...]) -> None:
-            started[index] = await self.start(*spec)
-
-        async with trio.open_nursery() as nursery:
-            for index, spec in enumerate(specs):
-                nursery.start_soon(one, index, spec)
-        return [started[index] for index in range(len(specs))]
-
-    async def kill(self, worker: WorkerProcess) -> None:
-        """SIGKILL ``worker`` and reap it."""
-        worker.process.send_signal(signal.SIGKILL)
-        await worker.process.wait()
+def ran_on(worker: WorkerProcess) -> list[str]:
+    """The run ids of the tasks ``worker`` started, in order."""
+    return [line.split()[1] for line in worker.lines if line.startswith("RAN ")]
 
 
-@asynccontextmanager
-async def worker_pool(url: str) -> AsyncIterator[WorkerPool]:
-    """A :class:`WorkerPool` whose processes are all killed and reaped on the way out."""
-    async with trio.open_nursery() as nursery:
-        pool = WorkerPool(nursery, url)
-        try:
-            yield pool
-        finally:
-            with trio.CancelScope(shield=True):
-                for worker in pool.processes:
-                    if worker.alive:
-                        worker.process.kill()
-                for worker in pool.processes:
-                    await worker.process.wait()
-                    if worker.process.stdout is not None:
-                        await worker.process.stdout.aclose()
-            nursery.cancel_scope.cancel()
+async def ran_count(worker: WorkerProcess, count: int, *, after: int = 0) -> None:
+    """Wait until ``count`` tasks started on ``worker`` after line ``after``."""
+    for _ in range(count):
+        after = await worker.line("RAN ", after=after) + 1
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -205,6 +102,11 @@ async def output(handle: natrio.TaskHandle) -> dict[str, Any]:
     return result
 
 
+def delivery(result: dict[str, Any]) -> tuple[Any, ...]:
+    """A ``job``'s output as ``(worker, held, attempt, delivered)``."""
+    return result["worker"], result["held"], result["attempt"], result["delivered"]
+
+
 # -- 1. a claim moving between processes mid-run ------------------------------------------
 
 
@@ -238,7 +140,7 @@ async def test_a_claim_moves_between_processes_while_tasks_flow(
                         await done.wait()
 
             nursery.start_soon(submit_steadily)
-            await a.ran_count(20)
+            await ran_count(a, 20)
             # a -> b, both files at once: whichever worker looks first, there is either
             # a gap (the tasks wait) or an overlap (both hold the claim).
             mark_a, mark_b = len(a.lines), len(b.lines)
@@ -247,7 +149,7 @@ async def test_a_claim_moves_between_processes_while_tasks_flow(
             with trio.fail_after(10):
                 await a.line(claims_line(), after=mark_a)
                 moved = await b.line(claims_line("leader"), after=mark_b)
-                await b.ran_count(20, after=moved)
+                await ran_count(b, 20, after=moved)
             # And back, b -> a.
             mark_a, mark_b = len(a.lines), len(b.lines)
             await set_claims(files["b"])
@@ -255,7 +157,7 @@ async def test_a_claim_moves_between_processes_while_tasks_flow(
             with trio.fail_after(10):
                 await b.line(claims_line(), after=mark_b)
                 back = await a.line(claims_line("leader"), after=mark_a)
-                await a.ran_count(20, after=back)
+                await ran_count(a, 20, after=back)
             done.set()
         with trio.fail_after(15):
             results = [await output(handle) for handle in handles]
@@ -263,12 +165,12 @@ async def test_a_claim_moves_between_processes_while_tasks_flow(
     # Every task ran once, on a holder: held when it started, or just handed over by a
     # process that had dropped the claim an instant before.
     assert len(results) == len(handles) >= 60
-    assert c.ran() == []
+    assert ran_on(c) == []
     drops = {
         worker.name: [float(line.split()[1]) for line in worker.lines if claims_line()(line)]
         for worker in (a, b)
     }
-    ran = Counter(a.ran() + b.ran())
+    ran = Counter(ran_on(a) + ran_on(b))
     assert [run for run, times in ran.items() if times > 1] == []
     assert set(ran) == {handle.run_id for handle in handles}
     handed_over = []
@@ -325,20 +227,15 @@ async def test_a_colocated_step_waits_for_its_worker_to_restart(
         assert entry.worker_id == beta.worker_id
         assert natrio.worker_target("alpha") not in entry.claims
         assert [s for s in await step_events(natrio_connection, "colocated") if ".two." in s] == []
-        assert beta.ran() == []
+        assert ran_on(beta) == []
 
         again = await pool.start("alpha")
         with trio.fail_after(10):
             result = await output(second)
         # Never delivered before: nobody took it while alpha was away.
-        assert (result["worker"], result["held"], result["attempt"], result["delivered"]) == (
-            "alpha",
-            True,
-            1,
-            1,
-        )
+        assert delivery(result) == ("alpha", True, 1, 1)
         assert await second.worker() == again.worker_id != alpha.worker_id
-        assert beta.ran() == []
+        assert ran_on(beta) == []
     outcomes = await harness.outcomes(natrio_connection, TASK_TYPE)
     assert outcomes == harness.Outcomes(completed=2, duplicates=0, dead=0)
 
@@ -374,7 +271,7 @@ async def test_a_soft_colocated_step_runs_elsewhere_once_its_worker_is_gone(
         assert result["worker"] == "beta"
         assert not result["held"]  # beta took it as a guest, without the claim
         assert result["attempt"] == 1
-        assert beta.ran() == ["soft"]
+        assert ran_on(beta) == ["soft"]
     outcomes = await harness.outcomes(natrio_connection, TASK_TYPE)
     assert outcomes == harness.Outcomes(completed=2, duplicates=0, dead=0)
     print(f"soft step ran on beta {took:.2f} s after alpha was killed")
@@ -403,14 +300,9 @@ async def test_a_target_nobody_holds_waits_for_a_holder_process(
         gpu = await pool.start("gpu", "--claims", "gpu")
         with trio.fail_after(10):
             result = await output(handle)
-        assert (result["worker"], result["held"], result["attempt"], result["delivered"]) == (
-            "gpu",
-            True,
-            1,
-            1,
-        )
+        assert delivery(result) == ("gpu", True, 1, 1)
         assert await handle.worker() == gpu.worker_id
-        assert plain.ran() == []
+        assert ran_on(plain) == []
     outcomes = await harness.outcomes(natrio_connection, TASK_TYPE)
     assert outcomes == harness.Outcomes(completed=1, duplicates=0, dead=0)
 
@@ -442,7 +334,7 @@ async def test_a_stopped_holder_hands_its_queued_tasks_to_another_holder(
         await first.line("STOPPED ")
 
     assert took < 10  # not the ack wait (30 s)
-    ran = first.ran() + second.ran()
+    ran = ran_on(first) + ran_on(second)
     assert sorted(ran) == sorted(handle.run_id for handle in handles)
     assert all(result["attempt"] == 1 and result["held"] for result in results)
     handed_back = [r for r in results if r["worker"] == "h2" and r["delivered"] > 1]
@@ -450,6 +342,6 @@ async def test_a_stopped_holder_hands_its_queued_tasks_to_another_holder(
     outcomes = await harness.outcomes(natrio_connection, TASK_TYPE)
     assert outcomes == harness.Outcomes(completed=count, duplicates=0, dead=0)
     print(
-        f"{len(first.ran())} ran on h1, {len(second.ran())} on h2 "
+        f"{len(ran_on(first))} ran on h1, {len(ran_on(second))} on h2 "
         f"({len(handed_back)} handed back); all done {took:.2f} s after SIGTERM"
     )

@@ -23,14 +23,15 @@ def _bucket(nc: Connection) -> KeyValue:
     return KeyValue(JetStream(nc), wire.WORKERS_BUCKET)
 
 
-async def list_workers(nc: Connection) -> list[WorkerInfo]:
+async def list_workers(nc: Connection, *, bucket: KeyValue | None = None) -> list[WorkerInfo]:
     """Every worker currently registered, sorted by worker id.
 
     A worker that died without deregistering disappears once its entry's TTL (the
-    ``worker_ttl`` given to :func:`provision`) passes without a heartbeat.
+    ``worker_ttl`` given to :func:`provision`) passes without a heartbeat. ``bucket``:
+    the directory's bucket to read through (one kept by a caller that reads often).
     """
     workers = []
-    for key, raw in (await _bucket(nc).items()).items():
+    for key, raw in (await (bucket or _bucket(nc)).items()).items():
         try:
             workers.append(WorkerInfo.from_json(raw))
         except Exception:  # any shape a client in any language may have written

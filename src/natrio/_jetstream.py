@@ -204,6 +204,49 @@ class JetStream:
         """The last message stored on ``subject`` (a direct get), or None when there is none."""
         return _found(await self._request(self.direct_get_subject(stream, subject), b""))
 
+    async def last_messages(
+        self, stream: str, subjects_filter: str, *, limit: int = 1024
+    ) -> list[Message] | None:
+        """The last message of every subject matching the filter, in one batched direct
+        get (nats-server 2.11+): one request, however many subjects. None when the
+        server cannot answer it so (an older server, more than ``limit`` subjects, or
+        no answer in time, as when permissions refuse the request): then read them one
+        by one."""
+        inbox = await self.conn.subscribe(self.conn.new_inbox())
+        try:
+            body = {"multi_last": [subjects_filter], "batch": limit}
+            self.conn.publish_nowait(
+                f"{API}.DIRECT.GET.{stream}", json.dumps(body).encode(), reply=inbox.subject
+            )
+            found: list[Message] = []
+            with trio.move_on_after(self.timeout):
+                while True:
+                    msg = await inbox.receive()
+                    status = msg.status
+                    if status is None:
+                        found.append(msg)
+                        if len(found) > limit:
+                            return None
+                    elif status == "204":  # the end of the batch
+                        pending = msg.header("Nats-Num-Pending")
+                        return found if pending in (None, "0") else None
+                    elif status == "404":
+                        return []  # no subject matches
+                    else:
+                        return None  # 400, 408, 413: not answered this way
+            log.warning(
+                "no answer to a batched get on %s within %g s (does the connection lack the "
+                "permission to publish %s.DIRECT.GET.%s?); reading one subject at a time",
+                stream,
+                self.timeout,
+                API,
+                stream,
+            )
+            return None
+        finally:
+            with trio.CancelScope(shield=True):
+                await inbox.unsubscribe()
+
     async def next_message(
         self, stream: str, subject: str, *, after: int
     ) -> tuple[int, bytes] | None:
@@ -224,6 +267,9 @@ class KeyValue:
         self.js = js
         self.bucket = bucket
         self.stream = f"KV_{bucket}"
+        #: Whether :meth:`items` asks for every entry in one request (until the server
+        #: could not answer one).
+        self.batched = True
 
     def _subject(self, key: str) -> str:
         return f"$KV.{self.bucket}.{key}"
@@ -300,7 +346,18 @@ class KeyValue:
         return sorted(s[len(prefix) :] for s in subjects)
 
     async def items(self) -> dict[str, bytes]:
-        """Every key with a value, and the value."""
+        """Every key with a value, and the value (in one request where the server can)."""
+        prefix = f"$KV.{self.bucket}."
+        batch = await self.js.last_messages(self.stream, prefix + ">") if self.batched else None
+        if batch is None:
+            self.batched = False
+        else:
+            return {
+                subject[len(prefix) :]: msg.data
+                for msg in batch
+                if (subject := msg.header("Nats-Subject") or "").startswith(prefix)
+                and msg.header("KV-Operation") not in ("DEL", "PURGE")
+            }
         out: dict[str, bytes] = {}
         for key in await self.keys():
             value = await self.get(key)

@@ -127,6 +127,7 @@ def worker_permissions(task_type: str, *, group: str, inbox: str, client_inbox: 
             # the worker directory: its entry, and the others' (claims, bounds, partitions)
             "$JS.API.STREAM.INFO.KV_natrio_workers",
             "$KV.natrio_workers.>",
+            "$JS.API.DIRECT.GET.KV_natrio_workers",
             "$JS.API.DIRECT.GET.KV_natrio_workers.$KV.natrio_workers.>",
             # routing: whether the type is partitioned, and which claim consumers exist
             f"$JS.API.DIRECT.GET.KV_natrio_routing.$KV.natrio_routing.partitions.{task_type}",

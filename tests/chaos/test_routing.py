@@ -27,15 +27,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 import attrs
@@ -45,15 +41,16 @@ import natrio
 from natrio._jetstream import JetStream
 from natrio._routing.placement import partition_of
 
+from .. import procs
 from . import harness
+from .harness import wait_finished, watch_events
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # How often to look again at what only the server can tell (the directory, stored events,
 # consumer state).
 POLL = 0.1
 GRACE = 5.0  # the workers' shutdown grace (their handlers take far less)
-# A process this long to print READY is broken, not slow.
-START_BOUND = 30.0
+# The bound a worker promises for a clean stop, plus slack for the process's own exit.
+STOP_WITHIN = GRACE + 1.0 + 2.0
 
 T = TypeVar("T")
 Holdings = dict[str, tuple[int, ...]]  # worker id: the partitions it holds
@@ -136,124 +133,16 @@ class Ledger:
 # -- worker processes ----------------------------------------------------------------------
 
 
-@attrs.define(eq=False)
-class RoutingProcess:
-    """One routing worker process."""
-
-    process: trio.Process
-    worker_id: str = ""
-    ready: trio.Event = attrs.field(factory=trio.Event)
-    eof: trio.Event = attrs.field(factory=trio.Event)  # its stdout ended
-
-    @property
-    def alive(self) -> bool:
-        return self.process.returncode is None
+def routing_pool(url: str, ledger: Ledger) -> AbstractAsyncContextManager[procs.WorkerPool]:
+    """Routing worker processes against ``url``, their ledger lines fed into ``ledger``; all
+    killed and reaped on the way out."""
+    return procs.WorkerPool(url, "tests.chaos.routing_worker", on_line=ledger.add).running()
 
 
-class Pool:
-    """Starts routing worker processes; feeds their ledger lines into one :class:`Ledger`."""
-
-    def __init__(self, nursery: trio.Nursery, url: str, ledger: Ledger) -> None:
-        self.nursery = nursery
-        self.url = url
-        self.ledger = ledger
-        self.processes: list[RoutingProcess] = []
-
-    @property
-    def alive(self) -> list[RoutingProcess]:
-        return [p for p in self.processes if p.alive]
-
-    def by_id(self, worker_id: str) -> RoutingProcess:
-        return next(p for p in self.processes if p.worker_id == worker_id)
-
-    async def _read(self, worker: RoutingProcess, stream: trio.abc.ReceiveStream) -> None:
-        # Drains stdout line by line (so the pipe never fills) into the ledger.
-        buffer = bytearray()
-        try:
-            with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                while chunk := await stream.receive_some():
-                    buffer.extend(chunk)
-                    while (end := buffer.find(b"\n")) >= 0:
-                        line = buffer[:end].decode("utf-8", errors="replace")
-                        del buffer[: end + 1]
-                        if line.startswith("READY "):
-                            worker.worker_id = line.split(maxsplit=1)[1]
-                            worker.ready.set()
-                        else:
-                            self.ledger.add(line)
-        finally:
-            worker.eof.set()
-            self.ledger.wake()
-
-    async def start(self, *options: str) -> RoutingProcess:
-        """Start a worker process and return once it printed ``READY``."""
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.chaos.routing_worker", self.url, *options],
-            stdout=subprocess.PIPE,
-            cwd=REPO_ROOT,
-        )
-        worker = RoutingProcess(process)
-        self.processes.append(worker)
-        assert process.stdout is not None
-        self.nursery.start_soon(self._read, worker, process.stdout)
-        with trio.fail_after(START_BOUND):
-            async with trio.open_nursery() as race:
-
-                async def ended() -> None:
-                    await worker.eof.wait()
-                    raise AssertionError(
-                        f"worker process {process.pid} ended (status {await process.wait()}) "
-                        "before printing READY"
-                    )
-
-                race.start_soon(ended)
-                await worker.ready.wait()
-                race.cancel_scope.cancel()
-        return worker
-
-    async def kill(self, worker: RoutingProcess) -> float:
-        """SIGKILL ``worker`` and reap it; the ``time.time()`` it was known dead. Returns
-        once all it printed is in the ledger."""
-        worker.process.send_signal(signal.SIGKILL)
-        await worker.process.wait()
-        dead_at = time.time()
-        await worker.eof.wait()
-        self.ledger.killed(worker.worker_id, dead_at)
-        return dead_at
-
-    async def terminate(self, worker: RoutingProcess) -> None:
-        """SIGTERM ``worker``; it must exit cleanly within its grace + 1 s, output read."""
-        worker.process.send_signal(signal.SIGTERM)
-        # The bound the worker promises, plus slack for the process's own exit.
-        with trio.fail_after(GRACE + 1.0 + 2.0):
-            status = await worker.process.wait()
-            await worker.eof.wait()
-        assert status == 0, f"worker {worker.worker_id} exited with status {status}"
-
-
-@asynccontextmanager
-async def routing_pool(url: str, ledger: Ledger) -> AsyncIterator[Pool]:
-    """A :class:`Pool` whose processes are all killed and reaped on the way out."""
-    pool: Pool | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            pool = Pool(nursery, url, ledger)
-            try:
-                yield pool
-            finally:
-                with trio.CancelScope(shield=True):
-                    for worker in pool.processes:
-                        if worker.alive:
-                            worker.process.kill()
-                    for worker in pool.processes:
-                        await worker.process.wait()
-                nursery.cancel_scope.cancel()
-    finally:
-        if pool is not None:
-            with trio.CancelScope(shield=True):
-                for worker in pool.processes:
-                    if worker.process.stdout is not None:
-                        await worker.process.stdout.aclose()
+async def kill(pool: procs.WorkerPool, ledger: Ledger, worker: procs.WorkerProcess) -> None:
+    """SIGKILL ``worker`` and reap it; returns once all it printed is in the ledger, its
+    executions marked killed."""
+    ledger.killed(worker.worker_id, await pool.kill(worker))
 
 
 # -- submitting and following --------------------------------------------------------------
@@ -312,72 +201,6 @@ async def feed(
             await stop.wait()
         if stop.is_set():
             return
-
-
-class Completions:
-    """Completion events of one task type, on core NATS: unique runs completed."""
-
-    def __init__(self, sub: natrio.Subscription) -> None:
-        self.sub = sub
-        self.runs: set[str] = set()
-        self._changed = trio.Event()
-
-    async def run(self) -> None:
-        async for msg in self.sub:
-            self.runs.add(msg.subject.split(".")[3])
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def reached(self, count: int) -> None:
-        while len(self.runs) < count:
-            await self._changed.wait()
-
-
-@asynccontextmanager
-async def watch_completions(nc: natrio.Connection, task_type: str) -> AsyncIterator[Completions]:
-    sub = await nc.subscribe(f"natrio.event.{task_type}.*.*.completed")
-    watch = Completions(sub)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.run)
-        try:
-            yield watch
-        finally:
-            nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await sub.unsubscribe()
-
-
-async def wait_finished(
-    nc: natrio.Connection, watch: Completions, task_type: str, total: int
-) -> harness.Outcomes:
-    """Once ``total`` runs completed on core NATS, what the events stream holds (asked
-    again until it holds an outcome for every one: it stores an event a moment after
-    the core message)."""
-    await watch.reached(total)
-    # Polled (ASYNC110): what the stream stored is only observable by asking it.
-    while (counted := await harness.outcomes(nc, task_type)).completed + counted.dead < total:  # noqa: ASYNC110
-        await trio.sleep(POLL)
-    return counted
-
-
-async def left_on(nc: natrio.Connection, consumers: Iterable[str], within: float = 20.0) -> int:
-    """Tasks left on ``consumers`` (ack pending or undelivered) once none is, or after
-    ``within`` s. An ack travels after the completion event; the consumer state is only
-    observable by asking the server."""
-    js = JetStream(nc, timeout=30.0)
-
-    async def count() -> int:
-        left = 0
-        for name in consumers:
-            info = await js.consumer_info("NATRIO_TASKS", name)
-            left += info["num_ack_pending"] + info["num_pending"]
-        return left
-
-    with trio.move_on_after(within):
-        # Polled (ASYNC110): consumer state has no event.
-        while await count():  # noqa: ASYNC110
-            await trio.sleep(POLL)
-    return await count()
 
 
 async def directory_ttl(nc: natrio.Connection) -> float:
@@ -473,7 +296,7 @@ def balanced(held: Holdings, partitions: int) -> bool:
 
 
 async def settled(
-    nc: natrio.Connection, live: Iterable[RoutingProcess], partitions: int, within: float
+    nc: natrio.Connection, live: Iterable[procs.WorkerProcess], partitions: int, within: float
 ) -> Holdings:
     """The directory's holdings once it lists exactly the ``live`` workers, none stopping,
     holding the partitions of ``keyed`` in balance; fails after ``within`` s."""
@@ -583,7 +406,7 @@ async def test_partition_failover(
     with trio.fail_after(harness.pick(90, 300)):
         async with (
             routing_pool(natrio_server.url, ledger) as pool,
-            watch_completions(natrio_connection, "keyed") as watch,
+            watch_events(natrio_connection, "keyed") as watch,
         ):
 
             async def settle() -> Holdings:
@@ -628,7 +451,7 @@ async def test_partition_failover(
                 # A clean stop: the worker marks itself stopping, the others take over.
                 leaving = pool.by_id(sorted(three)[1])
                 stopped = time.time()
-                await pool.terminate(leaving)
+                await pool.terminate(leaving, STOP_WITHIN)
                 after_stop = await settle()
                 await flow()
 
@@ -643,18 +466,18 @@ async def test_partition_failover(
                 now = time.time()
                 await ledger.until(lambda: running(ledger, now, victim.worker_id))
                 crashed = time.time()
-                await pool.kill(victim)
+                await kill(pool, ledger, victim)
                 after_kill = await settle()
                 await flow()
                 stop.set()
-            await wait_finished(natrio_connection, watch, "keyed", record.total)
+            await wait_finished(natrio_connection, watch, "keyed", record.total, poll=POLL)
             elapsed = trio.current_time() - began
-            left = await left_on(
-                natrio_connection, [f"keyed~default~p{p}" for p in range(partitions)]
+            left = await harness.settled_pending(
+                natrio_connection, [f"keyed~default~p{p}" for p in range(partitions)], poll=POLL
             )
             counted = await harness.outcomes(natrio_connection, "keyed")
             for worker in pool.alive:
-                await pool.terminate(worker)
+                await pool.terminate(worker, STOP_WITHIN)
     executions = ledger.executions
     on_stop = handover(executions, stopped, three, after_stop, record.submitted_at)
     on_kill = handover(executions, crashed, three_again, after_kill, record.submitted_at)
@@ -669,42 +492,37 @@ async def test_partition_failover(
     out_of_order = order_violations(executions, record.counts)
     wrong_partition = [e for e in executions if e.partition != partition_of(e.key, partitions)]
     cut = sum(e.cut is not None for e in executions)
-    lost = record.total - counted.completed - counted.dead
     recovery = max([*on_stop.values(), *on_kill.values()])
-    harness.report(
-        harness.ScenarioResult(
-            scenario="Partition failover",
-            load=(
-                f"{record.total} tasks at {rate}/s for {len(keys)} keys in order, "
-                f"{partitions} partitions, handlers {handler_ms} ms; members 1, 2, 3, 2, 3, 2"
-            ),
-            faults=(
-                f"SIGTERM one of 3 worker processes; later SIGKILL one of 3 "
-                f"(directory TTL {ttl:g} s, handler ack_wait 10 s capped at the TTL)"
-            ),
-            submitted=record.total,
-            completed=counted.completed,
-            dead_lettered=counted.dead,
-            lost=lost,
-            duplicate_completions=counted.duplicates,
-            recovery_seconds=recovery,
-            notes=(
-                f"recovery = longest time from a fault to the first task of a moved partition "
-                f"started by its new holder, tasks waiting; clean stop: {len(on_stop)} "
-                f"partitions moved, the stopped worker's {len(of_leaving)} served again within "
-                f"{max(of_leaving):.2f} s, all within {max(on_stop.values()):.2f} s "
-                f"(bound {stop_bound:g} s); SIGKILL: {len(on_kill)} moved, the killed "
-                f"worker's {len(of_victim)} within {max(of_victim):.2f} s, all within "
-                f"{max(on_kill.values()):.2f} s (bound TTL + 2 = {kill_bound:g} s); "
-                f"on the 3 joins {len(on_join)} moved, each served by the new holder within "
-                f"{max(on_join):.2f} s of its READY (bound {stop_bound:g} s); "
-                f"partitions per member once settled {', '.join(states)}; "
-                f"{len(executions)} executions, {cut} cut short by the kill, "
-                f"{repeats(executions)} run again; {len(out_of_order)} out of order, "
-                f"{len(overlapping)} overlapping; {elapsed:.1f} s in all"
-            ),
-        )
+    result = harness.ScenarioResult.of(
+        counted,
+        scenario="Partition failover",
+        load=(
+            f"{record.total} tasks at {rate}/s for {len(keys)} keys in order, "
+            f"{partitions} partitions, handlers {handler_ms} ms; members 1, 2, 3, 2, 3, 2"
+        ),
+        faults=(
+            f"SIGTERM one of 3 worker processes; later SIGKILL one of 3 "
+            f"(directory TTL {ttl:g} s, handler ack_wait 10 s capped at the TTL)"
+        ),
+        submitted=record.total,
+        recovery_seconds=recovery,
+        notes=(
+            f"recovery = longest time from a fault to the first task of a moved partition "
+            f"started by its new holder, tasks waiting; clean stop: {len(on_stop)} "
+            f"partitions moved, the stopped worker's {len(of_leaving)} served again within "
+            f"{max(of_leaving):.2f} s, all within {max(on_stop.values()):.2f} s "
+            f"(bound {stop_bound:g} s); SIGKILL: {len(on_kill)} moved, the killed "
+            f"worker's {len(of_victim)} within {max(of_victim):.2f} s, all within "
+            f"{max(on_kill.values()):.2f} s (bound TTL + 2 = {kill_bound:g} s); "
+            f"on the 3 joins {len(on_join)} moved, each served by the new holder within "
+            f"{max(on_join):.2f} s of its READY (bound {stop_bound:g} s); "
+            f"partitions per member once settled {', '.join(states)}; "
+            f"{len(executions)} executions, {cut} cut short by the kill, "
+            f"{repeats(executions)} run again; {len(out_of_order)} out of order, "
+            f"{len(overlapping)} overlapping; {elapsed:.1f} s in all"
+        ),
     )
+    harness.report(result)
     assert not overlapping, overlapping[:10]
     assert not overlaps(executions, lambda e: e.key)
     assert not out_of_order, out_of_order[:10]
@@ -712,11 +530,9 @@ async def test_partition_failover(
     assert max(on_stop.values()) <= stop_bound, on_stop
     assert max(on_kill.values()) <= kill_bound, on_kill
     assert max(on_join) <= stop_bound, on_join
-    assert lost == 0
-    assert counted.dead == 0
-    assert counted.completed == record.total
-    assert counted.duplicates == 0
-    assert left == 0
+    assert result.lost == 0
+    assert counted == harness.Outcomes(completed=record.total, duplicates=0, dead=0)
+    assert left == harness.NOTHING_LEFT
 
 
 async def test_singleton_failover(
@@ -748,12 +564,10 @@ async def test_singleton_failover(
     with trio.fail_after(harness.pick(60, 240)):
         async with (
             routing_pool(natrio_server.url, ledger) as pool,
-            watch_completions(natrio_connection, "solo") as watch,
+            watch_events(natrio_connection, "solo") as watch,
         ):
             began = trio.current_time()
-            async with trio.open_nursery() as starting:
-                for _ in range(3):
-                    starting.start_soon(pool.start, *options)
+            await pool.start_all(options, options, options)
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
@@ -776,7 +590,7 @@ async def test_singleton_failover(
                     now = time.time()
                     holder = await ledger.until(lambda: running(ledger, now))  # noqa: B023
                     stopped = time.time()
-                    await pool.terminate(pool.by_id(holder.worker))
+                    await pool.terminate(pool.by_id(holder.worker), STOP_WITHIN)
                     taken = await ledger.until(
                         lambda: started_elsewhere(stopped, holder.worker)  # noqa: B023
                     )
@@ -792,7 +606,7 @@ async def test_singleton_failover(
                         lambda: running(ledger, taken.start, taken.worker)  # noqa: B023
                     )
                     crashed = time.time()
-                    await pool.kill(pool.by_id(victim.worker))
+                    await kill(pool, ledger, pool.by_id(victim.worker))
                     assert victim.end is None, "the task ended before the kill"
                     again = await ledger.until(
                         lambda: started_elsewhere(crashed, victim.worker)  # noqa: B023
@@ -801,57 +615,48 @@ async def test_singleton_failover(
                     on_kill.append(again.start - since)
                     assert (again.key, again.seq) == (victim.key, victim.seq)
                     if round_ + 1 < rounds:
-                        async with trio.open_nursery() as starting:
-                            for _ in range(3 - len(pool.alive)):
-                                starting.start_soon(pool.start, *options)
+                        await pool.start_all(*[options] * (3 - len(pool.alive)))
                 await trio.sleep(dwell)  # the load pattern: tasks flow this long
                 stop.set()
-            await wait_finished(natrio_connection, watch, "solo", record.total)
+            await wait_finished(natrio_connection, watch, "solo", record.total, poll=POLL)
             elapsed = trio.current_time() - began
-            left = await left_on(natrio_connection, ["solo~default"])
+            left = await harness.settled_pending(natrio_connection, ["solo~default"], poll=POLL)
             counted = await harness.outcomes(natrio_connection, "solo")
             for worker in pool.alive:
-                await pool.terminate(worker)
+                await pool.terminate(worker, STOP_WITHIN)
     executions = ledger.executions
     overlapping = overlaps(executions, lambda e: e.task_type)
     never_returned = [e for e in executions if e.end is None and not e.killed]
     workers = {e.worker for e in executions}
-    lost = record.total - counted.completed - counted.dead
-    harness.report(
-        harness.ScenarioResult(
-            scenario="Singleton failover",
-            load=(
-                f"{record.total} singleton tasks at {rate:g}/s, handlers {handler_ms} ms, "
-                f"3 worker processes"
-            ),
-            faults=(
-                f"{rounds} x (SIGTERM the process running a task, then SIGKILL the next holder "
-                f"mid-task, start 2 new between rounds); ack_wait {ack_wait:g} s, directory TTL {ttl:g} s"
-            ),
-            submitted=record.total,
-            completed=counted.completed,
-            dead_lettered=counted.dead,
-            lost=lost,
-            duplicate_completions=counted.duplicates,
-            recovery_seconds=max(on_stop + on_kill),
-            notes=(
-                "recovery = longest time from a fault (or the stopped holder's last return, "
-                "or the task's submit, if later) to the next start on another process; "
-                f"SIGTERM: {' / '.join(f'{s:.3f}' for s in on_stop)} s (bound {stop_bound:g} s); "
-                f"SIGKILL: {' / '.join(f'{s:.2f}' for s in on_kill)} s (bound ack_wait + 1 = "
-                f"{kill_bound:g} s), the killed task run again each time; "
-                f"{len(executions)} executions on {len(workers)} processes, {len(overlapping)} "
-                f"overlapping; "
-                f"{elapsed:.1f} s in all"
-            ),
-        )
+    result = harness.ScenarioResult.of(
+        counted,
+        scenario="Singleton failover",
+        load=(
+            f"{record.total} singleton tasks at {rate:g}/s, handlers {handler_ms} ms, "
+            f"3 worker processes"
+        ),
+        faults=(
+            f"{rounds} x (SIGTERM the process running a task, then SIGKILL the next holder "
+            f"mid-task, start 2 new between rounds); ack_wait {ack_wait:g} s, directory TTL {ttl:g} s"
+        ),
+        submitted=record.total,
+        recovery_seconds=max(on_stop + on_kill),
+        notes=(
+            "recovery = longest time from a fault (or the stopped holder's last return, "
+            "or the task's submit, if later) to the next start on another process; "
+            f"SIGTERM: {' / '.join(f'{s:.3f}' for s in on_stop)} s (bound {stop_bound:g} s); "
+            f"SIGKILL: {' / '.join(f'{s:.2f}' for s in on_kill)} s (bound ack_wait + 1 = "
+            f"{kill_bound:g} s), the killed task run again each time; "
+            f"{len(executions)} executions on {len(workers)} processes, {len(overlapping)} "
+            f"overlapping; "
+            f"{elapsed:.1f} s in all"
+        ),
     )
+    harness.report(result)
     assert not overlapping, overlapping[:10]
     assert not never_returned, never_returned[:10]
     assert max(on_stop) <= stop_bound, on_stop
     assert max(on_kill) <= kill_bound, on_kill
-    assert lost == 0
-    assert counted.dead == 0
-    assert counted.completed == record.total
-    assert counted.duplicates == 0
-    assert left == 0
+    assert result.lost == 0
+    assert counted == harness.Outcomes(completed=record.total, duplicates=0, dead=0)
+    assert left == harness.NOTHING_LEFT

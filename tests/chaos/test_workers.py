@@ -4,21 +4,17 @@ Every scenario runs a real nats-server and real worker processes
 (``python -m tests.chaos.chaos_worker``); faults are real signals to real processes
 (SIGKILL, SIGTERM) and real server kills and restarts on the same port and store. Progress
 is followed on the core events subjects; final counts come from the events stream
-(:func:`harness.outcomes`) and the task consumer (:func:`harness.pending`).
+(:func:`harness.outcomes`) and the task consumer (:func:`harness.settled_pending`).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from functools import partial
-from pathlib import Path
 
 import attrs
 import trio
@@ -26,225 +22,26 @@ import trio
 import natrio
 from natrio._jetstream import JetStream
 
+from .. import procs
 from . import harness
+from .harness import wait_finished, watch_events
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Submits run concurrently, this many at a time.
 BATCH = 200
-# How often to look again at what only the server can tell (stored events, consumer state).
-POLL = 0.5
-NOTHING_LEFT = {"ack_pending": 0, "pending": 0}
-
-Line = tuple[float, str]  # when it was read (trio clock), and the line
+NOTHING_LEFT = harness.NOTHING_LEFT
 
 
-# -- worker processes --------------------------------------------------------------------
+def worker_pool(url: str) -> AbstractAsyncContextManager[procs.WorkerPool]:
+    """Chaos worker processes against ``url``, all killed and reaped on the way out."""
+    return procs.WorkerPool(url, "tests.chaos.chaos_worker").running()
 
 
-async def _read_lines(stream: trio.abc.ReceiveStream, send: trio.MemorySendChannel[Line]) -> None:
-    """Drain a process's stdout into ``send`` line by line, so the pipe never fills."""
-    buffer = bytearray()
-    async with send:
-        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            while chunk := await stream.receive_some():
-                now = trio.current_time()
-                buffer.extend(chunk)
-                while (end := buffer.find(b"\n")) >= 0:
-                    line = buffer[:end].decode("utf-8", errors="replace")
-                    del buffer[: end + 1]
-                    send.send_nowait((now, line))
-
-
-@attrs.define(eq=False)
-class WorkerProcess:
-    """One chaos worker process and the lines it printed."""
-
-    process: trio.Process
-    lines: trio.MemoryReceiveChannel[Line]
-    worker_id: str = ""
-
-    @property
-    def alive(self) -> bool:
-        return self.process.returncode is None
-
-    async def expect(self, prefix: str) -> Line:
-        """The next line starting with ``prefix``; fails if the process ends first."""
-        async for at, line in self.lines:
-            if line.startswith(prefix):
-                return at, line
-        raise AssertionError(
-            f"worker process {self.process.pid} ended (status {self.process.returncode}) "
-            f"before printing {prefix!r}"
-        )
-
-
-class WorkerPool:
-    """Starts chaos worker processes against one server URL; :func:`worker_pool` reaps them."""
-
-    def __init__(self, nursery: trio.Nursery, url: str) -> None:
-        self.nursery = nursery
-        self.url = url
-        self.processes: list[WorkerProcess] = []
-
-    @property
-    def alive(self) -> list[WorkerProcess]:
-        return [w for w in self.processes if w.alive]
-
-    async def start(self, *options: str) -> WorkerProcess:
-        """Start a worker process and return once it printed ``READY``."""
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.chaos.chaos_worker", self.url, *options],
-            stdout=subprocess.PIPE,
-            cwd=REPO_ROOT,
-        )
-        send, receive = trio.open_memory_channel[Line](math.inf)
-        worker = WorkerProcess(process, receive)
-        self.processes.append(worker)
-        assert process.stdout is not None
-        self.nursery.start_soon(_read_lines, process.stdout, send)
-        with trio.fail_after(30):
-            _, line = await worker.expect("READY")
-        worker.worker_id = line.split(maxsplit=1)[1]
-        return worker
-
-    async def kill(self, worker: WorkerProcess) -> None:
-        """SIGKILL ``worker`` and reap it."""
-        worker.process.send_signal(signal.SIGKILL)
-        await worker.process.wait()
-
-
-@asynccontextmanager
-async def worker_pool(url: str) -> AsyncIterator[WorkerPool]:
-    """A :class:`WorkerPool` whose processes are all killed and reaped on the way out."""
-    pool: WorkerPool | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            pool = WorkerPool(nursery, url)
-            try:
-                yield pool
-            finally:
-                with trio.CancelScope(shield=True):
-                    for worker in pool.processes:
-                        if worker.alive:
-                            worker.process.kill()
-                    for worker in pool.processes:
-                        await worker.process.wait()
-                nursery.cancel_scope.cancel()
-    finally:
-        if pool is not None:
-            with trio.CancelScope(shield=True):
-                for worker in pool.processes:
-                    if worker.process.stdout is not None:
-                        await worker.process.stdout.aclose()
+async def settled_pending(nc: natrio.Connection, task_type: str) -> dict[str, int]:
+    """What is left on ``task_type``'s consumer once nothing is, or after 20 s."""
+    return await harness.settled_pending(nc, [f"{task_type}~default"])
 
 
 # -- following outcomes ------------------------------------------------------------------
-
-
-class EventWatch:
-    """Follows ``natrio.event.<type>.*.*.*`` on core NATS: unique runs completed or dead,
-    runs started again on a redelivery, and the arrival time of every completion event
-    (for the longest gap in processing).
-
-    Core messages published while this connection is reconnecting are not seen here;
-    :func:`wait_finished` therefore confirms from the events stream.
-    """
-
-    def __init__(self, sub: natrio.Subscription) -> None:
-        self.sub = sub
-        self.completed: set[str] = set()
-        self.dead: set[str] = set()
-        self.rerun: set[str] = set()  # runs started on a later delivery (after a crash)
-        self.first_worker: dict[str, str] = {}  # the worker that started a run's first attempt
-        self.completion_times: list[float] = []
-        self.completed_at: dict[str, float] = {}
-        self._waiters: list[tuple[int, trio.Event]] = []
-
-    @property
-    def finished(self) -> int:
-        return len(self.completed | self.dead)
-
-    async def run(self) -> None:
-        async for msg in self.sub:
-            tokens = msg.subject.split(".")
-            run_id, kind = tokens[3], tokens[-1]
-            if kind == "completed":
-                now = trio.current_time()
-                self.completed.add(run_id)
-                self.completed_at.setdefault(run_id, now)
-                self.completion_times.append(now)
-            elif kind == "dead":
-                self.dead.add(run_id)
-            else:
-                if kind == "started":
-                    if msg.header("Natrio-Attempt", "1") == "1":
-                        self.first_worker[run_id] = msg.header("Natrio-Worker") or ""
-                    else:
-                        self.rerun.add(run_id)
-                continue
-            finished = self.finished
-            for count, event in self._waiters:
-                if finished >= count:
-                    event.set()
-
-    async def reached(self, count: int) -> None:
-        """Return once ``count`` runs have finished (completed or dead)."""
-        if self.finished >= count:
-            return
-        event = trio.Event()
-        self._waiters.append((count, event))
-        await event.wait()
-
-    def longest_gap(self, since: float | None = None) -> float:
-        """The longest time between consecutive completion events (and from ``since`` to the first)."""
-        times = ([since] if since is not None else []) + self.completion_times
-        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
-
-
-@asynccontextmanager
-async def watch_events(nc: natrio.Connection, task_type: str) -> AsyncIterator[EventWatch]:
-    sub = await nc.subscribe(f"natrio.event.{task_type}.*.*.*")
-    watch = EventWatch(sub)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.run)
-        try:
-            yield watch
-        finally:
-            nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await sub.unsubscribe()
-
-
-async def wait_finished(
-    nc: natrio.Connection, watch: EventWatch, task_type: str, total: int
-) -> harness.Outcomes:
-    """Wait until the events stream holds an outcome (completed or dead) for ``total`` steps."""
-    while True:
-        with trio.move_on_after(2.0):
-            await watch.reached(total)
-        counted = await harness.outcomes(nc, task_type)
-        if counted.completed + counted.dead >= total:
-            return counted
-        # Seen on core NATS a moment before it is stored, or missed while reconnecting:
-        # only the stream can tell, so ask it again.
-        await trio.sleep(POLL)
-
-
-async def settled_pending(
-    nc: natrio.Connection, task_type: str, within: float = 20.0
-) -> dict[str, int]:
-    """The consumer's leftovers once they reach zero, or as they are after ``within`` s.
-
-    An ack travels after its completion event, and a task whose worker died between the
-    two is acked only when redelivered (after ack_wait); the consumer state is observable
-    only by asking the server.
-    """
-    with trio.move_on_after(within):
-        # Polled (ASYNC110): the consumer state is only observable by asking the server.
-        while (left := await harness.pending(nc, task_type)) != NOTHING_LEFT:  # noqa: ASYNC110
-            await trio.sleep(POLL)
-        return left
-    return await harness.pending(nc, task_type)
 
 
 async def events_by_run(nc: natrio.Connection, task_type: str, kind: str) -> dict[str, int]:
@@ -362,35 +159,26 @@ async def test_worker_crashes(
                 if worker in killed_at and run_id in watch.rerun
             ]
     kills = len(killed_at)
-    lost = submitted.tasks - counted.completed - counted.dead
-    harness.report(
-        harness.ScenarioResult(
-            scenario="Worker crashes",
-            load=(
-                f"{total} tasks at {rate}/s, 3 worker processes (concurrency 32), handlers 0-20 ms"
-            ),
-            faults=f"SIGKILL a random worker every {period:g} s and start a new one (ack_wait 2 s)",
-            submitted=submitted.tasks,
-            completed=counted.completed,
-            dead_lettered=counted.dead,
-            lost=lost,
-            duplicate_completions=counted.duplicates,
-            recovery_seconds=gap,
-            notes=(
-                f"{kills} workers killed; {len(watch.rerun)} tasks run again after a crash; "
-                f"those a killed worker was running ({len(taken_over)}) completed elsewhere "
-                f"within {max(taken_over, default=0.0):.2f} s of the kill (ack_wait 2 s); "
-                "recovery = longest gap between completion events; "
-                f"{elapsed:.1f} s in all; seed {seed}"
-            ),
-        )
+    result = harness.ScenarioResult.of(
+        counted,
+        scenario="Worker crashes",
+        load=f"{total} tasks at {rate}/s, 3 worker processes (concurrency 32), handlers 0-20 ms",
+        faults=f"SIGKILL a random worker every {period:g} s and start a new one (ack_wait 2 s)",
+        submitted=submitted.tasks,
+        recovery_seconds=gap,
+        notes=(
+            f"{kills} workers killed; {len(watch.rerun)} tasks run again after a crash; "
+            f"those a killed worker was running ({len(taken_over)}) completed elsewhere "
+            f"within {max(taken_over, default=0.0):.2f} s of the kill (ack_wait 2 s); "
+            "recovery = longest gap between completion events; "
+            f"{elapsed:.1f} s in all; seed {seed}"
+        ),
     )
+    harness.report(result)
     assert submitted.tasks == total
     assert kills >= 2
-    assert lost == 0
-    assert counted.dead == 0
-    assert counted.completed == total
-    assert counted.duplicates == 0
+    assert result.lost == 0
+    assert counted == harness.Outcomes(completed=total, duplicates=0, dead=0)
     assert left == NOTHING_LEFT
 
 
@@ -442,38 +230,29 @@ async def test_server_restarts(
             ]
             gap = watch.longest_gap()
             assert all(pool_worker.alive for pool_worker in pool.processes), "a worker died"
-    lost = submitted.tasks - counted.completed - counted.dead
-    harness.report(
-        harness.ScenarioResult(
-            scenario="Server restarts",
-            load=(
-                f"{total} tasks at {rate}/s, 2 worker processes (concurrency 32), handlers 0-20 ms"
-            ),
-            faults=(
-                f"nats-server SIGKILLed after 1/3 and 2/3 of the tasks completed, "
-                f"restarted {downtime:g} s later on the same port and file store"
-            ),
-            submitted=submitted.tasks,
-            completed=counted.completed,
-            dead_lettered=counted.dead,
-            lost=lost,
-            duplicate_completions=counted.duplicates,
-            recovery_seconds=gap,
-            notes=(
-                "recovery = longest gap between completion events (includes the downtime); "
-                f"first completion {' / '.join(f'{r:.2f}' for r in resumed)} s after each restart; "
-                f"{len(watch.rerun)} tasks seen run again; "
-                f"{submitted.retries} submits retried, {submitted.duplicates} recognised as "
-                f"duplicates; {elapsed:.1f} s in all"
-            ),
-        )
+    result = harness.ScenarioResult.of(
+        counted,
+        scenario="Server restarts",
+        load=f"{total} tasks at {rate}/s, 2 worker processes (concurrency 32), handlers 0-20 ms",
+        faults=(
+            f"nats-server SIGKILLed after 1/3 and 2/3 of the tasks completed, "
+            f"restarted {downtime:g} s later on the same port and file store"
+        ),
+        submitted=submitted.tasks,
+        recovery_seconds=gap,
+        notes=(
+            "recovery = longest gap between completion events (includes the downtime); "
+            f"first completion {' / '.join(f'{r:.2f}' for r in resumed)} s after each restart; "
+            f"{len(watch.rerun)} tasks seen run again; "
+            f"{submitted.retries} submits retried, {submitted.duplicates} recognised as "
+            f"duplicates; {elapsed:.1f} s in all"
+        ),
     )
+    harness.report(result)
     assert len(back_at) == 2
     assert submitted.tasks == total
-    assert lost == 0
-    assert counted.dead == 0
-    assert counted.completed == total
-    assert counted.duplicates == 0
+    assert result.lost == 0
+    assert counted == harness.Outcomes(completed=total, duplicates=0, dead=0)
     assert left == NOTHING_LEFT
 
 
@@ -525,9 +304,7 @@ async def test_shutdown_under_load(
             last_taken = max(taken.values())
             hand_over = max(0.0, last_taken - exited)
 
-            second.process.send_signal(signal.SIGTERM)
-            with trio.fail_after(grace + 1.0 + 2.0):
-                assert await second.process.wait() == 0
+            await pool.terminate(second, grace + 1.0 + 2.0)
         counted = await harness.outcomes(natrio_connection, "slow")
         left = await harness.pending(natrio_connection, "slow")
         info = await JetStream(natrio_connection).stream_info(
@@ -539,15 +316,13 @@ async def test_shutdown_under_load(
     on_consumer = left["ack_pending"] + left["pending"]
     lost = count - counted.completed - counted.dead - on_consumer
     harness.report(
-        harness.ScenarioResult(
+        harness.ScenarioResult.of(
+            counted,
             scenario="Bounded shutdown under load",
             load=f"{count} running 10 s tasks in one worker (concurrency {count}, ack_wait 30 s)",
             faults=f"SIGTERM with a {grace:g} s grace period; a second worker standing by",
             submitted=count,
-            completed=counted.completed,
-            dead_lettered=counted.dead,
             lost=lost,
-            duplicate_completions=counted.duplicates,
             recovery_seconds=hand_over,
             notes=(
                 f"first worker exited {exited - signalled:.2f} s after SIGTERM; the second had "
@@ -590,28 +365,24 @@ async def test_poison_tasks(
         dead = await events_by_run(natrio_connection, "work", "dead")
         started = await events_by_run(natrio_connection, "work", "started")
         letters = await client.dead_letters("work", limit=len(poison) + 100)
-    lost = submitted.tasks - counted.completed - counted.dead
-    harness.report(
-        harness.ScenarioResult(
-            scenario="Poison tasks",
-            load=f"{total} tasks, 1% always raising; 2 worker processes",
-            faults=f"{len(poison)} poison tasks, RetryPolicy maximum_attempts={attempts}",
-            submitted=submitted.tasks,
-            completed=counted.completed,
-            dead_lettered=len(letters),
-            lost=lost,
-            duplicate_completions=counted.duplicates,
-            notes=(
-                f"every poison task attempted {attempts} times "
-                f"({attempts - 1} failed events + 1 dead event) and dead-lettered"
-            ),
-        )
+    result = harness.ScenarioResult.of(
+        counted,
+        scenario="Poison tasks",
+        load=f"{total} tasks, 1% always raising; 2 worker processes",
+        faults=f"{len(poison)} poison tasks, RetryPolicy maximum_attempts={attempts}",
+        submitted=submitted.tasks,
+        dead_lettered=len(letters),
+        notes=(
+            f"every poison task attempted {attempts} times "
+            f"({attempts - 1} failed events + 1 dead event) and dead-lettered"
+        ),
     )
+    harness.report(result)
     assert submitted.tasks == total
-    assert lost == 0
-    assert counted.duplicates == 0
-    assert counted.completed == total - len(poison)
-    assert counted.dead == len(poison)
+    assert result.lost == 0
+    assert counted == harness.Outcomes(
+        completed=total - len(poison), duplicates=0, dead=len(poison)
+    )
     assert failed == dict.fromkeys(poison, attempts - 1)
     assert dead == dict.fromkeys(poison, 1)
     assert {run: started.get(run) for run in poison} == dict.fromkeys(poison, attempts)

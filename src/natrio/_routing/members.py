@@ -1,4 +1,5 @@
-"""Membership: the live workers, as the directory lists them, looked at a few times a second."""
+"""Membership: the live workers, as the directory lists them, looked at a few times a second
+(one batched read of every entry each time)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import logging
 
 import trio
 
+from .. import _wire as wire
 from .._directory import list_workers
+from .._jetstream import JetStream, KeyValue
 from .._model import WorkerInfo
 from .._transport import Connection
 
@@ -26,6 +29,7 @@ class Membership:
     def __init__(self, conn: Connection, *, interval: float = 0.5) -> None:
         self.conn = conn
         self.interval = interval
+        self._bucket = KeyValue(JetStream(conn), wire.WORKERS_BUCKET)
         self.workers: tuple[WorkerInfo, ...] = ()
         self.version = 0
         self._changed = trio.Event()
@@ -41,7 +45,7 @@ class Membership:
 
     async def refresh(self) -> None:
         """Read the directory now."""
-        workers = tuple(await list_workers(self.conn))
+        workers = tuple(await list_workers(self.conn, bucket=self._bucket))
         if _shape(workers) != _shape(self.workers):
             self.workers = workers
             self.version += 1
