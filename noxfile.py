@@ -16,13 +16,16 @@ TEST_DEPS = [
     # The auth scenarios make their own CA and certificates, and nkeys.
     "cryptography>=42",
     "nkeys>=0.2",
+    # tests/test_otel.py reads natrio's spans and metrics with the SDK's in-memory exporters.
+    "opentelemetry-sdk>=1.30",
 ]
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against real nats-server processes."""
-    session.install(".", *TEST_DEPS)
+    # With the otel extra, so that its tests run (one of them checks natrio runs without it).
+    session.install(".[otel]", *TEST_DEPS)
     session.run("pytest", *session.posargs)
 
 
@@ -37,7 +40,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package, the tests and the examples."""
-    session.install(".[bench]", "mypy>=1.10", "nox", *TEST_DEPS)
+    session.install(".[bench,otel]", "mypy>=1.10", "nox", *TEST_DEPS)
     session.run("mypy")
 
 
@@ -52,7 +55,8 @@ def examples(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the docs with warnings as errors."""
-    session.install(".", "-r", "docs/requirements.txt")
+    # With the otel extra: the API reference documents natrio.otel.
+    session.install(".[otel]", "-r", "docs/requirements.txt")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
 
 

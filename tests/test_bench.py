@@ -184,6 +184,40 @@ def test_rounds_interleave_the_drain_contestants(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.slow
+def test_natrio_processes_add_a_drain_contestant_per_process_count(tmp_path: Path) -> None:
+    bench(
+        "--scenario",
+        "drain",
+        "--contestant",
+        "natrio",
+        "--natrio-processes",
+        "2,1",
+        "--drain-tasks",
+        "200",
+        "--output",
+        str(tmp_path),
+    )
+    doc = json.loads((tmp_path / "bench.json").read_text())
+
+    # Right after natrio's own contestant, in increasing order; each did all the tasks
+    # exactly once (the bench checks acks and completion events after every contestant).
+    assert doc["raw"]["drain"]["order"] == ["natrio", "natrio-1p", "natrio-2p"]
+    (run,) = doc["raw"]["drain"]["runs"]["natrio-2p"]
+    assert run["processes"] == 2
+    assert len(run["children"]) == 2
+    assert sum(child["processed"] for child in run["children"]) >= 200
+    assert run["rss_peak"] == sum(child["rss_peak"] for child in run["children"])
+    assert finite(doc["ratios"]["drain_natrio_2p_vs_1p"])
+    assert finite(doc["figures"]["drain"]["contestants"]["natrio-2p"]["cpu_us_per_task"])
+
+
+def test_a_process_count_below_one_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["bench", "--natrio-processes", "2,0"])
+    assert result.exit_code == 2
+    assert "'0' is not a process count" in result.stderr
+
+
 def test_an_unknown_contestant_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["bench", "--contestant", "natrio,celery"])
     assert result.exit_code == 2

@@ -78,3 +78,27 @@ async def test_worker_identity_is_stable_by_name(natrio_worker_factory: WorkerFa
 
 async def _noop(ctx: natrio.TaskContext) -> bytes:
     return b""
+
+
+async def test_forged_headers_on_an_entry_do_not_hide_the_others(
+    natrio_connection: natrio.Connection, natrio_worker_factory: WorkerFactory
+) -> None:
+    # Anyone who may write the directory may add headers to their entry: a Status of
+    # "end of batch" or a Nats-Subject of their own must not cut the batched read short.
+    from natrio._jetstream import JetStream
+
+    js = JetStream(natrio_connection)
+    await js.publish(
+        "$KV.natrio_workers.aaaa",
+        b"not an entry",
+        headers={"Status": "204", "Description": "EOB", "Nats-Subject": "$KV.natrio_workers.x"},
+    )
+    worker = natrio_worker_factory(name="listed")
+
+    @worker.handle("a-type")
+    async def noop(ctx: natrio.TaskContext) -> None:
+        return None
+
+    await natrio_worker_factory.start(worker)
+    found = await natrio.list_workers(natrio_connection)
+    assert [w.worker_name for w in found] == ["listed"]

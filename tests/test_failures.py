@@ -48,7 +48,7 @@ async def test_retries_then_dead_letter_with_exact_delays(
     # 0.2 s then 0.4 s, as NAK delays computed by the worker; allow scheduling slack.
     assert 0.2 <= gaps[0] < 0.2 + 0.5
     assert 0.4 <= gaps[1] < 0.4 + 0.5
-    (entry,) = await natrio_client.dead_letters("flaky")
+    (entry,) = [e async for e in natrio_client.dead_letters("flaky")]
     assert (entry.run_id, entry.step_id, entry.group, entry.attempts) == ("r", "s", "default", 3)
     assert entry.input == b"in"
     assert entry.headers["K"] == "v"
@@ -236,7 +236,7 @@ async def test_malformed_messages_are_dead_lettered_and_the_worker_goes_on(
     with trio.fail_after(5):
         for _ in range(4):
             await dead.receive()
-    entries = await natrio_client.dead_letters("sturdy")
+    entries = [e async for e in natrio_client.dead_letters("sturdy")]
     assert len(entries) == 4
     reasons = sorted(e.error.message for e in entries)
     assert all(e.error.kind == "malformed" for e in entries)

@@ -85,7 +85,7 @@ async def canary(client: natrio.Client) -> None:
 async def malformed_reasons(client: natrio.Client) -> list[str]:
     return [
         entry.error.message
-        for entry in await client.dead_letters("echo")
+        async for entry in client.dead_letters("echo")
         if entry.error.kind == "malformed"
     ]
 
@@ -159,7 +159,7 @@ async def test_a_subject_that_is_not_utf8_is_settled(
     await start_echo(natrio_worker_factory)
     await raw_publish(natrio_server, b"natrio.task.echo.default.\xff\xfe.step")
     await settled(natrio_connection, "echo")
-    [entry] = [e for e in await natrio_client.dead_letters("echo") if e.error.kind == "malformed"]
+    [entry] = [e async for e in natrio_client.dead_letters("echo") if e.error.kind == "malformed"]
     assert entry.subject == "natrio.task.echo.default.\\xff\\xfe.step"
     assert entry.run_id == "malformed"
     await canary(natrio_client)
@@ -229,7 +229,7 @@ async def test_dead_letters_always_fit_and_keep_the_input(
     with trio.fail_after(10), pytest.raises(natrio.TaskFailed) as failed:
         await handle.result()
     assert len(failed.value.error.message) <= 4096
-    [entry] = await natrio_client.dead_letters("huge")
+    [entry] = [e async for e in natrio_client.dead_letters("huge")]
     assert entry.input == b""
     assert entry.input_ref is not None
     assert await natrio_client.dead_letter_input(entry) == payload

@@ -11,8 +11,10 @@ them; ``_errors`` and ``_model`` (data records) are at the bottom.
 from ._client import Client, StepStream, TaskHandle
 from ._codec import converter
 from ._context import TaskContext
+from ._dead_letters import DeadLetterReader
 from ._directory import list_workers
 from ._dispatch import DispatcherStatistics, StepHooks
+from ._dispatch.tally import TaskTypeStatistics
 from ._errors import (
     ConfigurationError,
     ConnectError,
@@ -32,11 +34,14 @@ from ._errors import (
     TaskFailed,
     TerminalAlreadyCalled,
 )
+from ._history import RunEvent, RunHistory
 from ._model import DeadLetter, Task, TaskError, WorkerInfo
+from ._overview import EventRates, Overview, QueueStatistics
 from ._provision import provision
 from ._retry import RetryPolicy
 from ._routing.limits import RateLimit
 from ._routing.placement import worker_target
+from ._schedules import Schedule
 from ._server import EmbeddedServer, connect_or_embed, embedded_server, find_nats_server
 from ._transport import Connection, Message, Subscription, connect
 from ._version import __version__
@@ -49,9 +54,11 @@ __all__ = [
     "Connection",
     "ConnectionClosed",
     "DeadLetter",
+    "DeadLetterReader",
     "DecodeError",
     "DispatcherStatistics",
     "EmbeddedServer",
+    "EventRates",
     "ExecutionPaused",
     "Fatal",
     "HandlerTimeout",
@@ -59,11 +66,16 @@ __all__ = [
     "Message",
     "NatrioError",
     "NoResponders",
+    "Overview",
     "PayloadTooLarge",
+    "QueueStatistics",
     "RateLimit",
     "RequestTimeout",
     "RetryPolicy",
     "Retryable",
+    "RunEvent",
+    "RunHistory",
+    "Schedule",
     "ServerError",
     "SignalTimeout",
     "StepHooks",
@@ -74,6 +86,7 @@ __all__ = [
     "TaskError",
     "TaskFailed",
     "TaskHandle",
+    "TaskTypeStatistics",
     "TerminalAlreadyCalled",
     "Worker",
     "WorkerInfo",

@@ -8,27 +8,54 @@ import secrets
 import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import trio
 
+from . import _schedules as schedules
 from . import _wire as wire
 from ._codec import decode, encode
-from ._errors import ConfigurationError, JetStreamError, NatrioError, TaskFailed
+from ._dead_letters import (
+    DeadLetterReader,
+    entry_at,
+    newer_task,
+    purge,
+    replay_headers,
+    replay_placement,
+    settle_replayed,
+    warn_dropped,
+)
+from ._errors import (
+    ConfigurationError,
+    JetStreamError,
+    NatrioError,
+    NoResponders,
+    TaskFailed,
+)
+from ._history import DEFAULT_LIMIT, RunHistory, read_history
 from ._jetstream import CONSUMER_NOT_FOUND, JetStream
 from ._model import DeadLetter, TaskError
 from ._objects import ObjectStore
+from ._overview import Overview, read_overview
 from ._retry import RetryPolicy
 from ._routing.partitions import stored_partitions
 from ._routing.placement import check_claim, partition_of, worker_target
+from ._schedules import Schedule
 from ._state import StepState
+from ._telemetry import telemetry_option
 from ._transport import Connection, Message, Reply, Subscription
 from ._transport.protocol import valid_header_name
+
+if TYPE_CHECKING:
+    from .otel import Telemetry
 
 T = TypeVar("T")
 
 
-def _deadline(value: float | timedelta | datetime | None) -> float | None:
+def _deadline(
+    value: float | timedelta | datetime | None, start: float | None = None
+) -> float | None:
+    # A relative deadline counts from ``start`` (a delayed task's start time), else now.
     if value is None:
         return None
     if isinstance(value, datetime):
@@ -40,7 +67,28 @@ def _deadline(value: float | timedelta | datetime | None) -> float | None:
         raise ConfigurationError(
             f"deadline must be > 0 seconds from now, a timedelta or a datetime, got {value!r}"
         )
-    return time.time() + float(seconds)
+    return (time.time() if start is None else start) + float(seconds)
+
+
+def _extra_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The caller's own headers of a task, checked: natrio's (``Natrio-*``) and
+    JetStream's (``Nats-*``: the task stream acts on rollups and schedules) are refused."""
+    checked: dict[str, str] = {}
+    for key, value in (headers or {}).items():
+        if (
+            not isinstance(key, str)
+            or not isinstance(value, str)
+            or not valid_header_name(key)
+            or key.lower().startswith(("natrio-", "nats-"))
+            or "\r" in value
+            or "\n" in value
+        ):
+            raise ConfigurationError(
+                "headers must map names (RFC 7230 tokens, not Natrio-* or Nats-*) to "
+                f"single-line strings, got {key!r}: {value!r}"
+            )
+        checked[key] = value
+    return checked
 
 
 def _encodable(text: str) -> bool:
@@ -245,7 +293,11 @@ class Client:
     """Submits tasks and waits for their outcomes.
 
     ``check_interval`` is how often a waiting :meth:`TaskHandle.result` also looks in the
-    events stream, in case the worker's direct reply was lost.
+    events stream, in case the worker's direct reply was lost. ``telemetry``: ``True`` to
+    wrap every task the client stores in an OpenTelemetry span whose trace context the
+    task carries to its worker (the global tracer provider), or a
+    :class:`natrio.otel.Telemetry` naming another (needs the ``otel`` extra; see
+    docs/telemetry.md).
     """
 
     #: Seconds after which a task type found unpartitioned is looked up again.
@@ -254,10 +306,22 @@ class Client:
     PARTITIONS_REFRESH = 30.0
 
     def __init__(
-        self, nc: Connection, *, timeout: float = 5.0, check_interval: float = 5.0
+        self,
+        nc: Connection,
+        *,
+        timeout: float = 5.0,
+        check_interval: float = 5.0,
+        telemetry: bool | Telemetry = False,
     ) -> None:
         self.nc = nc
-        self.js = JetStream(nc, timeout=timeout)
+        traced = telemetry_option(telemetry)
+        # With telemetry, the JetStream API that traces the tasks it publishes: decided
+        # here, so that a submit without it does what it always did.
+        self.js = (
+            JetStream(nc, timeout=timeout)
+            if traced is None
+            else traced._jetstream(nc, timeout=timeout)
+        )
         self.check_interval = check_interval
         # Task type -> (partition count or None, when to look it up again).
         self._partitions: dict[str, tuple[int | None, float]] = {}
@@ -277,6 +341,8 @@ class Client:
         target: str | None = None,
         colocate_with: TaskHandle | None = None,
         soft: bool = False,
+        start_at: datetime | None = None,
+        delay: float | timedelta | None = None,
     ) -> TaskHandle:
         """Put a task in the task stream and return its handle.
 
@@ -295,6 +361,13 @@ class Client:
         completed the given handle's task (:func:`natrio.worker_target` of its name;
         this waits for that task's outcome first); with ``soft`` another worker takes it
         while no holder of the claim is alive.
+
+        Delayed tasks (docs/schedules.md): with ``start_at`` (an aware datetime) or
+        ``delay`` (seconds >= 0, or a timedelta) the task is stored now, as a message
+        schedule, and runs at that time; ids, dedupe and :meth:`TaskHandle.result` are
+        as for any task, and a relative ``deadline`` counts from the start time. Such a
+        task cannot be targeted. It needs nats-server 2.12 or later and a task stream
+        provisioned with message schedules (NatrioError otherwise).
         """
         wire.check_name("task type", task_type)
         group = wire.check_name("group", group) if group is not None else wire.DEFAULT_GROUP
@@ -302,25 +375,18 @@ class Client:
         step_id = wire.check_id("step id", step_id) if step_id is not None else task_type
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        when = _deadline(deadline)
+        start = schedules.start_time(start_at, delay, time.time())
+        if start is not None:
+            if target is not None or colocate_with is not None or soft:
+                raise ConfigurationError(
+                    "a delayed task cannot be targeted (no target, colocate_with or soft)"
+                )
+            self._require_schedules()
+        when = _deadline(deadline, start)
         placement = await self._placement(
             task_type, group, run_id, key=key, target=target, colocate_with=colocate_with, soft=soft
         )
-        message_headers: dict[str, str] = {}
-        for key, value in (headers or {}).items():
-            if (
-                not isinstance(key, str)
-                or not isinstance(value, str)
-                or not valid_header_name(key)
-                or key.lower().startswith("natrio-")
-                or "\r" in value
-                or "\n" in value
-            ):
-                raise ConfigurationError(
-                    "headers must map names (RFC 7230 tokens, not Natrio-*) to single-line "
-                    f"strings, got {key!r}: {value!r}"
-                )
-            message_headers[key] = value
+        message_headers = _extra_headers(headers)
         try:
             payload = encode(input)
         except Exception as exc:
@@ -333,11 +399,16 @@ class Client:
             message_headers[wire.H_RETRY] = retry.to_json()
         if when is not None:
             message_headers[wire.H_DEADLINE] = repr(when)
-        ack = await self.js.publish(
-            wire.task_subject(task_type, group, run_id, step_id, placement),
-            payload,
-            headers=message_headers,
-        )
+        subject = wire.task_subject(task_type, group, run_id, step_id, placement)
+        if start is None:
+            ack = await self.js.publish(subject, payload, headers=message_headers)
+        else:
+            # A one-shot schedule of its own (one on the same subject would replace it),
+            # keeping the task's Nats-Msg-Id: submits dedupe as for any task.
+            message_headers.update(schedules.delayed_headers(start, subject))
+            ack = await self._publish_schedule(
+                wire.delayed_subject(task_type, group, run_id, step_id), payload, message_headers
+            )
         if placement is not None and placement[0] in "ts":
             await self._ensure_claim_consumer(task_type, group, placement)
         duplicate = bool(ack.get("duplicate"))
@@ -445,6 +516,164 @@ class Client:
         wire.check_name("signal name", name)
         await StepState(self.nc).send_signal(run_id, name, encode(data))
 
+    async def schedule(
+        self,
+        task_type: str,
+        input: Any = b"",
+        *,
+        schedule_id: str,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        time_zone: str | None = None,
+        group: str | None = None,
+        step_id: str | None = None,
+        retry: RetryPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Schedule:
+        """Create or replace the recurring schedule ``schedule_id`` (docs/schedules.md).
+
+        The server submits ``task_type`` with ``input`` in ``group`` every ``every``
+        (a timedelta or seconds, whole and >= 1) or by ``cron`` (6 fields, seconds first:
+        ``"0 */5 * * * *"``, or ``@hourly`` and the like), read in ``time_zone`` (an IANA
+        name; cron only; UTC by default). Each firing is a run of its own, with the run id
+        ``<schedule_id>=<the firing's stream timestamp in ns>`` and step id ``step_id``
+        (default: the task type); ``retry`` and ``headers`` go with every firing.
+        Schedule ids are run ids of at most 100 characters, one schedule each, whatever
+        its task type: scheduling an id again replaces the schedule, and one identical to
+        the stored schedule leaves it as it is. Raises ConfigurationError for invalid
+        options, NatrioError without message schedules (nats-server 2.12 or later).
+        """
+        wire.check_name("task type", task_type)
+        group = wire.check_name("group", group) if group is not None else wire.DEFAULT_GROUP
+        schedule_id = schedules.check_schedule_id(schedule_id)
+        step_id = wire.check_id("step id", step_id) if step_id is not None else task_type
+        spec, zone = schedules.recurring_spec(every, cron, time_zone)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        message_headers = _extra_headers(headers)
+        try:
+            payload = encode(input)
+        except Exception as exc:
+            raise ConfigurationError(f"cannot encode the input for {task_type!r}: {exc}") from None
+        if retry is not None:
+            message_headers[wire.H_RETRY] = retry.to_json()
+        target = wire.task_subject(task_type, group, schedule_id, step_id)
+        message_headers.update(schedules.recurring_headers(spec, zone, target))
+        self._require_schedules()
+        subject = wire.schedule_subject(task_type, group, schedule_id)
+        stored = await self._schedule_messages(schedule_id)
+        current = stored.pop(subject, None)
+        if current is None or not schedules.same_schedule(
+            current.data, current.headers or {}, payload, message_headers
+        ):
+            await self._publish_schedule(subject, payload, message_headers)
+        for other in stored:  # the same id under another task type or group
+            await self._purge(other)
+        return Schedule(schedule_id, task_type, group, step_id, spec, zone)
+
+    async def schedules(self) -> list[Schedule]:
+        """Every recurring schedule in the task stream, by schedule id (messages on the
+        schedule subjects that are not natrio's schedules are left out)."""
+        found = [
+            schedules.read_schedule(subject, msg.headers or {})
+            for subject, msg in (await self._schedule_messages(None)).items()
+        ]
+        return sorted((s for s in found if s is not None), key=lambda s: s.schedule_id)
+
+    async def cancel_schedule(self, schedule_id: str) -> bool:
+        """Remove the recurring schedule ``schedule_id``; False when there was none.
+
+        A firing stored before is a task like any other and still runs.
+        """
+        schedule_id = schedules.check_schedule_id(schedule_id)
+        return await self._purge(wire.schedule_subject("*", "*", schedule_id))
+
+    async def trigger(self, schedule_id: str) -> TaskHandle:
+        """Run the recurring schedule ``schedule_id`` now, once, and keep it as it is.
+
+        The run is a task submitted with the schedule's task type, group, step id, input,
+        retry policy and headers, and the run id ``<schedule_id>=<now in ns>`` (the form of
+        a firing's); its handle is returned. Raises NatrioError when there is no such
+        schedule.
+        """
+        schedule_id = schedules.check_schedule_id(schedule_id)
+        for subject, msg in sorted((await self._schedule_messages(schedule_id)).items()):
+            found = schedules.read_schedule(subject, msg.headers or {})
+            if found is not None:
+                break
+        else:
+            raise NatrioError(f"there is no schedule {schedule_id!r}")
+        own, retry_text = schedules.trigger_headers(msg.headers or {})
+        try:
+            retry = None if retry_text is None else RetryPolicy.from_json(retry_text)
+            # Submitted anew rather than by the server's run-now (a publish to the target
+            # with Nats-Schedule-Next: purge), which would cancel the schedule.
+            return await self.submit(
+                found.task_type,
+                msg.data,
+                run_id=schedules.firing_run_id(schedule_id, time.time_ns()),
+                step_id=found.step_id,
+                group=found.group,
+                retry=retry,
+                headers=own,
+            )
+        except ConfigurationError as exc:
+            # Read from the stream, where anyone may have written it.
+            raise NatrioError(f"schedule {schedule_id!r} cannot be run: {exc}") from None
+
+    def _require_schedules(self) -> None:
+        schedules.require_schedules(self.nc.server_version)
+
+    async def _publish_schedule(
+        self, subject: str, payload: bytes, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        not_enabled = (
+            f"the {wire.TASK_STREAM} stream does not hold message schedules: run "
+            "natrio.provision() to enable them (nats-server 2.12 or later)"
+        )
+        try:
+            return await self.js.publish(subject, payload, headers=headers)
+        except NoResponders:
+            raise NatrioError(f"{not_enabled} (no stream holds {subject})") from None
+        except JetStreamError as exc:
+            if exc.err_code == schedules.SCHEDULES_DISABLED:
+                raise NatrioError(not_enabled) from None
+            if exc.err_code in (schedules.PATTERN_INVALID, schedules.TIME_ZONE_INVALID):
+                # Checked here already; the server's cron also refuses what never fires
+                # (a 30th of February).
+                raise ConfigurationError(
+                    f"the server refuses the schedule {headers.get(wire.H_SCHEDULE)!r}: "
+                    f"{exc.description}"
+                ) from None
+            raise
+
+    async def _schedule_messages(self, schedule_id: str | None) -> dict[str, Message]:
+        # The stored schedule messages (of one id, or all), by subject. All are read in
+        # one batched get; one id's (most often one subject) by subject, which
+        # permissions can scope to schedule subjects.
+        pattern = (
+            f"{wire.PREFIX}.schedule.>"
+            if schedule_id is None
+            else wire.schedule_subject("*", "*", schedule_id)
+        )
+        messages = None
+        if schedule_id is None:
+            messages = await self.js.last_messages(wire.TASK_STREAM, pattern)
+        if messages is None:  # one id, an older server, or too many: one at a time
+            messages = []
+            for subject in await self.js.subjects(wire.TASK_STREAM, pattern):
+                if not schedules.valid_schedule_subject(subject):
+                    continue  # not natrio's, and maybe not a subject to publish a get for
+                msg = await self.js.last_message(wire.TASK_STREAM, subject)
+                if msg is not None:
+                    messages.append(msg)
+        found = {msg.header("Nats-Subject") or "": msg for msg in messages}
+        return {k: v for k, v in found.items() if schedules.valid_schedule_subject(k)}
+
+    async def _purge(self, subjects: str) -> bool:
+        reply = await self.js.api(f"STREAM.PURGE.{wire.TASK_STREAM}", {"filter": subjects})
+        return bool(reply.get("purged"))
+
     def handle(self, task_type: str, run_id: str, step_id: str) -> TaskHandle:
         """A handle for a task submitted elsewhere (another process, an earlier run)."""
         wire.check_name("task type", task_type)
@@ -463,26 +692,54 @@ class Client:
                 continue
             # An outcome of an earlier task of the same step (submitted again after the
             # duplicate window) is not this task's: agent-loop iterations only come later.
-            if handle.seq is not None and int(msg.header(wire.H_TASK_SEQ) or 0) < handle.seq:
-                continue
-            found.append((int(msg.header("Nats-Sequence") or 0), msg))
+            task_seq = _count(msg.header(wire.H_TASK_SEQ))
+            if task_seq is None or (handle.seq is not None and task_seq < handle.seq):
+                continue  # anyone may publish an event: one without a readable seq is not it
+            # The server's own value comes last where a publisher set the header too.
+            stream_seq = _count((msg.header("Nats-Sequence") or "").rpartition(", ")[2])
+            found.append((stream_seq or 0, msg))
         return max(found, key=lambda item: item[0])[1] if found else None
 
-    async def dead_letters(
-        self, task_type: str | None = None, *, limit: int = 100
-    ) -> list[DeadLetter]:
-        """The most recent dead-letter entries (oldest first), optionally of one task type."""
-        if task_type is not None:
-            wire.check_name("task type", task_type)
-        subject = f"{wire.PREFIX}.dead.{task_type or '*'}.>"
-        subjects = await self.js.subjects(wire.DEAD_STREAM, subject)
-        entries: list[DeadLetter] = []
-        for name in subjects:
-            msg = await self.js.last_message(wire.DEAD_STREAM, name)
-            if msg is not None:
-                entries.append(DeadLetter.from_json(msg.data))
-        entries.sort(key=lambda e: e.time)
-        return entries[-limit:]
+    async def history(
+        self, run_id: str, step_id: str | None = None, *, limit: int = DEFAULT_LIMIT
+    ) -> RunHistory:
+        """The events of run ``run_id`` (of its step ``step_id`` only, when given), oldest
+        first, whatever their task types: a :class:`RunHistory` of :class:`RunEvent`.
+
+        Read from the events stream, so it covers the stream's retention
+        (``events_max_age``). Messages under the run's event subjects that are not valid
+        natrio events are skipped and counted; at most ``limit`` messages are read.
+        """
+        wire.check_id("run id", run_id)
+        if step_id is not None:
+            wire.check_id("step id", step_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(f"limit must be an int >= 1, got {limit!r}")
+        return await read_history(self.js, run_id, step_id, limit=limit)
+
+    async def overview(self, *, window: float = 60.0) -> Overview:
+        """What the deployment is doing now, read from the server (see :class:`Overview`):
+        per task type and group, tasks pending, in flight, redelivered and dead-lettered;
+        per task type, the outcomes recorded in the last ``window`` seconds."""
+        return await read_overview(self.js, window=window)
+
+    def dead_letters(
+        self, task_type: str | None = None, group: str | None = None
+    ) -> DeadLetterReader:
+        """The dead-letter entries, oldest first, optionally of one task type and/or group:
+        ``async for entry in client.dead_letters("resize"): ...``.
+
+        Read a page at a time (see :class:`DeadLetterReader`), each entry with its
+        sequence in the dead-letter stream (``entry.seq``, what :meth:`replay` takes).
+        Messages there that are not valid entries are skipped with a warning.
+        """
+        return DeadLetterReader(self.js, _dead_filter(task_type, group))
+
+    async def dead_letter(self, seq: int) -> DeadLetter | None:
+        """The dead-letter entry with sequence ``seq`` in the dead-letter stream, or None
+        when there is none (replayed, purged or expired); NatrioError for a message there
+        that is not a valid entry."""
+        return await entry_at(self.js, _dead_seq(seq))
 
     async def dead_letter_input(self, entry: DeadLetter) -> bytes:
         """The original input of a dead-lettered task, wherever the entry keeps it.
@@ -499,3 +756,133 @@ class Client:
                 f"the input of dead letter {entry.task_seq} ({entry.input_ref}) is gone"
             )
         return data
+
+    async def replay(
+        self,
+        dead_letter: DeadLetter | int,
+        *,
+        input: Any = None,
+        deadline: float | timedelta | datetime | None = None,
+    ) -> TaskHandle:
+        """Submit a dead-lettered task again, with a fresh attempt budget, and return its
+        handle; the entry leaves the dead-letter stream once the new task is stored.
+
+        ``dead_letter`` is an entry from :meth:`dead_letters` or its ``seq``. The task
+        keeps its task type, group, run id and step id, its placement (partition or
+        claim), the headers its submitter set, its retry policy and its agent-loop
+        iteration; its input is the original one (inline in the entry or in the object
+        store), or ``input`` (bytes or a value cattrs can unstructure; pass ``b""`` for
+        an empty one). Its deadline is not kept (it would dead-letter the replay again):
+        ``deadline`` sets a new one, as in :meth:`submit`.
+
+        The replay's message id is made from the entry, and a step with a task newer
+        than the one that died (in the task stream, or with events) is not submitted
+        again: replaying one entry twice, or after a crash between the store and the
+        removal, makes one task (the handle of the second has ``duplicate`` set). An
+        entry that cannot be removed afterwards is logged and stays. Raises NatrioError
+        when the entry is gone (replayed, purged or expired) or is not a valid entry.
+        """
+        seq = _dead_seq(dead_letter.seq if isinstance(dead_letter, DeadLetter) else dead_letter)
+        when = _deadline(deadline)
+        payload: bytes | None = None
+        if input is not None:
+            try:
+                payload = encode(input)
+            except Exception as exc:
+                raise ConfigurationError(f"cannot encode the replay's input: {exc}") from None
+        entry = await entry_at(self.js, seq)
+        if entry is None:
+            raise NatrioError(
+                f"dead letter {seq} is not in {wire.DEAD_STREAM}: replayed or purged "
+                "already, or expired"
+            )
+        if isinstance(dead_letter, DeadLetter) and _identity(dead_letter) != _identity(entry):
+            raise NatrioError(f"dead letter {seq} in {wire.DEAD_STREAM} is another step's")
+        headers, dropped = replay_headers(entry)
+        warn_dropped(entry, dropped)
+        newer = await newer_task(self.js, entry)
+        if newer is not None:
+            # Replayed already (or submitted again): that task is this entry's replay.
+            handle = TaskHandle(
+                self,
+                entry.task_type,
+                entry.run_id,
+                entry.step_id,
+                group=entry.group,
+                seq=newer,
+                duplicate=True,
+            )
+        else:
+            if payload is None:
+                payload = await self.dead_letter_input(entry)
+            placement = replay_placement(
+                entry, await self.partitions(entry.task_type), headers.get(wire.H_KEY)
+            )
+            reply_subject, slot = self.nc.expect_reply()
+            headers[wire.H_MSG_ID] = wire.replay_msg_id(
+                entry.task_type, entry.run_id, entry.step_id, seq
+            )
+            headers[wire.H_SUBMITTED] = repr(time.time())
+            headers[wire.H_REPLY] = reply_subject
+            if when is not None:
+                headers[wire.H_DEADLINE] = repr(when)
+            ack = await self.js.publish(
+                wire.task_subject(
+                    entry.task_type, entry.group, entry.run_id, entry.step_id, placement
+                ),
+                payload,
+                headers=headers,
+            )
+            if placement is not None and placement[0] in "ts":
+                await self._ensure_claim_consumer(entry.task_type, entry.group, placement)
+            duplicate = bool(ack.get("duplicate"))
+            handle = TaskHandle(
+                self,
+                entry.task_type,
+                entry.run_id,
+                entry.step_id,
+                group=entry.group,
+                seq=int(ack["seq"]),
+                duplicate=duplicate,
+                slot=None if duplicate else slot,
+            )
+        # Only now, with the replay stored: a failure before leaves the entry where it was.
+        await settle_replayed(self.js, entry, handle.seq)
+        return handle
+
+    async def purge_dead_letters(
+        self, task_type: str | None = None, group: str | None = None
+    ) -> int:
+        """Remove the dead letters of one task type and/or group (without either, every
+        message of the dead-letter stream) and their inputs kept in the object store;
+        returns how many messages were removed, ones that are not valid entries included.
+        Entries that arrive while it runs stay."""
+        return await purge(self.js, _dead_filter(task_type, group))
+
+
+def _dead_filter(task_type: str | None, group: str | None) -> str:
+    if task_type is not None:
+        wire.check_name("task type", task_type)
+    if group is not None:
+        wire.check_name("group", group)
+    return wire.dead_filter(task_type, group)
+
+
+def _dead_seq(seq: object) -> int:
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ConfigurationError(
+            f"a dead letter is named by its seq in the dead-letter stream (an int >= 1, as "
+            f"DeadLetter.seq of an entry from Client.dead_letters), got {seq!r}"
+        )
+    return seq
+
+
+def _identity(entry: DeadLetter) -> tuple[str, str, str, str, int]:
+    return (entry.task_type, entry.group, entry.run_id, entry.step_id, entry.task_seq)
+
+
+def _count(text: str | None) -> int | None:
+    """A header's non-negative decimal number, or None for anything else."""
+    if not text or len(text) > 20 or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)

@@ -161,6 +161,11 @@ class ExecutionPaused(BaseException):
     """
 
 
+class SupervisorError(NatrioError):
+    """``natrio worker --processes N`` gave up on its worker processes, or could not stop
+    them cleanly; the message says which process and why."""
+
+
 class BenchError(NatrioError):
     """``natrio bench`` could not measure something; the message says what and why."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import traceback as tb
 from collections.abc import Mapping
 from typing import Any
@@ -147,7 +148,9 @@ class DeadLetter:
     else, it is kept in the ``natrio_dead_inputs`` object store under ``input_ref``
     (``input`` is then empty; :meth:`natrio.Client.dead_letter_input` reads it).
     ``subject`` is the task's subject as received (bytes that are not UTF-8 appear as
-    ``\\x..`` escapes).
+    ``\\x..`` escapes). ``seq`` is the entry's sequence in the ``NATRIO_DLQ`` stream, set
+    on entries read from it (:meth:`natrio.Client.dead_letters`; 0 otherwise, and not
+    stored: the stream gives it).
     """
 
     task_type: str
@@ -163,22 +166,103 @@ class DeadLetter:
     time: str
     task_seq: int = 0
     input_ref: str | None = None
+    seq: int = 0
 
     def to_json(self) -> bytes:
         """The entry as stored in the dead-letter stream."""
         data = attrs.asdict(self, recurse=False)
+        del data["seq"]
         data["input"] = base64.b64encode(self.input).decode()
         data["headers"] = dict(self.headers)
         data["error"] = self.error.to_dict()
         return json.dumps(data).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> DeadLetter:
-        """Read an entry written by :meth:`to_json`."""
-        data = json.loads(raw)
-        data["input"] = base64.b64decode(data["input"])
-        data["error"] = TaskError.from_dict(data["error"])
-        return cls(**data)
+    def from_json(cls, raw: bytes, *, seq: int = 0) -> DeadLetter:
+        """Read an entry written by :meth:`to_json` (its stream sequence is ``seq``).
+
+        Anyone allowed to publish on ``natrio.dead.>`` can store anything there, so every
+        field is checked: ValueError for anything that is not such an entry (fields this
+        natrio does not know, from a newer one, are ignored).
+        """
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {type(data).__name__}")
+        values: dict[str, Any] = {
+            "task_type": _checked(data, "task_type", _NAME, "task type"),
+            "group": _checked(data, "group", _NAME, "group"),
+            "run_id": _checked(data, "run_id", _ID, "run id"),
+            "step_id": _checked(data, "step_id", _ID, "step id"),
+        }
+        for key in ("subject", "worker_id", "time"):
+            values[key] = _text(data, key, _MAX_FIELD)
+        text = _text(data, "input", 2**31)
+        try:
+            values["input"] = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ValueError("input is not base64") from None
+        headers = data.get("headers")
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise ValueError("headers is not an object of strings")
+        values["headers"] = headers
+        error = data.get("error")
+        if not isinstance(error, dict):
+            raise ValueError("error is not an object")
+        for key in ("type", "message", "traceback", "kind"):
+            _text(error, key, 2**20)
+        values["error"] = TaskError(
+            error["type"],
+            error["message"],
+            error["traceback"],
+            error["kind"],
+            _count(error, "attempts"),
+        )
+        values["attempts"] = _count(data, "attempts")
+        values["task_seq"] = _count(data, "task_seq")
+        ref = data.get("input_ref")
+        if ref is not None and (not isinstance(ref, str) or not 0 < len(ref) <= 256):
+            raise ValueError("input_ref is not null or a name of 1 to 256 characters")
+        if ref is not None and values["input"]:
+            raise ValueError("an entry with an input_ref has an empty input")
+        return cls(**values, input_ref=ref, seq=seq)
+
+
+# The rules of _wire.check_name and check_id (_model imports nothing of natrio's but
+# _errors and _retry, see docs/concepts.md).
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+#: The longest subject, worker id or time a dead-letter entry may have.
+_MAX_FIELD = 8192
+
+
+def _text(data: Mapping[str, Any], key: str, limit: int) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is not a string")
+    if len(value) > limit:
+        raise ValueError(f"{key} is over {limit} characters")
+    return value
+
+
+def _checked(data: Mapping[str, Any], key: str, pattern: re.Pattern[str], kind: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is not a string")
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{key} is not a valid {kind}: {value[:80]!r}")
+    return value
+
+
+def _count(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"{key} is not a count")
+    return value
 
 
 @attrs.frozen

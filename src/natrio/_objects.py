@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 from typing import Any
 
@@ -19,6 +20,8 @@ from ._jetstream import JetStream
 
 #: The size of one chunk, as the other object store clients use.
 CHUNK_SIZE = 128 * 1024
+# A chunk subject's last token as natrio (hex) and the NATS clients (base62 nuids) write it.
+_NUID = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 def object_stream_config(
@@ -96,3 +99,33 @@ class ObjectStore:
         if len(data) != int(meta.get("size", -1)):
             raise NatrioError(f"object {name!r} in {self.bucket} has the wrong size")
         return data
+
+    async def delete(self, name: str) -> bool:
+        """Delete the object ``name``; False when there was none.
+
+        As the other clients do it: the description is replaced by one marked deleted
+        (a roll-up, so it is the only one left), then the chunks are purged.
+        """
+        msg = await self.js.last_message(self.stream, self._meta_subject(name))
+        if msg is None:
+            return False
+        try:
+            meta = json.loads(msg.data)
+            nuid = meta["nuid"]
+        except (ValueError, TypeError, KeyError, RecursionError):
+            raise NatrioError(
+                f"object {name!r} in {self.bucket} has a damaged description"
+            ) from None
+        if meta.get("deleted"):
+            return False
+        # The nuid becomes a purge filter: anyone who may write descriptions could put a
+        # wildcard there and have every chunk of the bucket purged.
+        if not isinstance(nuid, str) or not _NUID.fullmatch(nuid):
+            raise NatrioError(f"object {name!r} in {self.bucket} has an invalid nuid")
+        marker = {"name": name, "bucket": self.bucket, "nuid": nuid, "size": 0, "chunks": 0}
+        marker["deleted"] = True
+        await self.js.publish(
+            self._meta_subject(name), json.dumps(marker).encode(), headers={"Nats-Rollup": "sub"}
+        )
+        await self.js.api(f"STREAM.PURGE.{self.stream}", {"filter": f"$O.{self.bucket}.C.{nuid}"})
+        return True

@@ -12,6 +12,7 @@ from ._objects import object_stream_config
 from ._routing.limits import counter_stream_config
 from ._routing.partitions import store_partitions
 from ._routing.placement import check_partitions
+from ._schedules import supports_schedules, task_schedules_config
 from ._transport import Connection
 
 _NS = 1_000_000_000
@@ -69,6 +70,10 @@ async def provision(
     - ``NATRIO_TASKS`` (``natrio.task.>``): work-queue retention; a task is removed once
       acknowledged. ``duplicate_window`` (seconds) is how long a second submit of the same
       run id and step id is recognised and dropped. ``task_max_age`` 0 keeps tasks until done.
+      On nats-server 2.12 or later it also holds the message schedules of delayed and
+      recurring tasks (``natrio.delayed.>``, ``natrio.schedule.>``): ``allow_msg_schedules``
+      (which brings ``allow_rollup_hdrs`` and cannot be turned off again) and
+      ``allow_direct``, set on an existing stream too.
     - ``NATRIO_EVENTS`` (``natrio.event.>``): started, completed, failed, dead, paused and continued events, kept
       ``events_max_age`` seconds; results of finished tasks are read from here.
     - ``NATRIO_DLQ`` (``natrio.dead.>``): dead-letter entries, kept ``dead_letter_max_age``.
@@ -101,6 +106,7 @@ async def provision(
             "max_age": _seconds("task_max_age", task_max_age),
             "duplicate_window": window,
             **common,
+            **(task_schedules_config() if supports_schedules(nc.server_version) else {}),
         }
     )
     events_age = _seconds("events_max_age", events_max_age)

@@ -10,6 +10,9 @@ Subject layout (``<...>`` are tokens, each validated by :func:`check_name` or :f
     natrio.event.<task_type>.<run_id>.<step_id>.<kind>      events stream
     natrio.dead.<task_type>.<group>.<run_id>.<step_id>      dead-letter stream
     natrio.stream.<run_id>.<step_id>                        step output (core NATS)
+    natrio.delayed.<task_type>.<group>.<run_id>.<step_id>   task stream: a delayed task's
+                                                            one-shot schedule
+    natrio.schedule.<task_type>.<group>.<schedule_id>       task stream: a recurring schedule
 
     KV natrio_checkpoints   <run_id>.<step_id>              a step's checkpoint
                             <run_id>.<step_id>.pause        a task message's pause record
@@ -69,6 +72,13 @@ H_WORKER: Final = "Natrio-Worker"
 H_ITERATION: Final = "Natrio-Iteration"
 #: The Unix time the execution an event belongs to began.
 H_STARTED: Final = "Natrio-Started"
+# JetStream's message-schedule headers: on a schedule message (natrio sets them), and
+# H_SCHEDULER with H_SCHEDULE_NEXT on the task the server stores when it fires.
+H_SCHEDULE: Final = "Nats-Schedule"
+H_SCHEDULE_TARGET: Final = "Nats-Schedule-Target"
+H_SCHEDULE_TIME_ZONE: Final = "Nats-Schedule-Time-Zone"
+H_SCHEDULER: Final = "Nats-Scheduler"
+H_SCHEDULE_NEXT: Final = "Nats-Schedule-Next"
 
 # Event kinds, the last token of an event subject.
 STARTED: Final = "started"
@@ -184,6 +194,33 @@ def event_subject(task_type: str, run_id: str, step_id: str, kind: str) -> str:
 def dead_subject(task_type: str, group: str, run_id: str, step_id: str) -> str:
     """The subject of a step's dead-letter entry."""
     return f"{PREFIX}.dead.{task_type}.{group}.{run_id}.{step_id}"
+
+
+def delayed_subject(task_type: str, group: str, run_id: str, step_id: str) -> str:
+    """The subject of a delayed task's one-shot schedule (in the task stream, outside
+    every task consumer's filter). ``group`` is the plain group, without a placement."""
+    return f"{PREFIX}.delayed.{task_type}.{group}.{run_id}.{step_id}"
+
+
+def schedule_subject(task_type: str, group: str, schedule_id: str) -> str:
+    """The subject of a recurring schedule (in the task stream, outside every task
+    consumer's filter)."""
+    return f"{PREFIX}.schedule.{task_type}.{group}.{schedule_id}"
+
+
+def dead_filter(task_type: str | None = None, group: str | None = None) -> str:
+    """The filter of the dead-letter entries of one task type and/or group (checked names,
+    or None for any), or of every message in the dead-letter stream."""
+    if task_type is None and group is None:
+        return f"{PREFIX}.dead.>"
+    return f"{PREFIX}.dead.{task_type or '*'}.{group or '*'}.>"
+
+
+def replay_msg_id(task_type: str, run_id: str, step_id: str, dead_seq: int) -> str:
+    """The ``Nats-Msg-Id`` of the replay of dead letter ``dead_seq`` (its sequence in the
+    dead-letter stream): a second replay of one entry within the duplicate window is a
+    duplicate, and no replay passes for the step's first submit."""
+    return f"replay:{task_type}:{run_id}:{step_id}:{dead_seq}"
 
 
 def task_msg_id(task_type: str, run_id: str, step_id: str, iteration: int = 0) -> str:

@@ -14,7 +14,7 @@ import socket
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
 import trio
@@ -24,6 +24,7 @@ from ._codec import decode
 from ._context import TaskContext
 from ._directory import Registration
 from ._dispatch import Dispatcher, DispatcherStatistics, Handler, Route, StepHooks
+from ._dispatch.tally import TaskTypeStatistics
 from ._errors import (
     ConfigurationError,
     ConnectionClosed,
@@ -42,10 +43,14 @@ from ._routing.limits import RateLimit
 from ._routing.members import Membership
 from ._routing.partitions import PartitionCoordinator, store_partitions, stored_partitions
 from ._routing.placement import check_claims, check_partitions, worker_target
+from ._telemetry import telemetry_option
 from ._transport import Connection
 from ._util import single_error
 from ._version import __version__
 from .middleware import Middleware
+
+if TYPE_CHECKING:
+    from .otel import Telemetry
 
 log = logging.getLogger("natrio.worker")
 
@@ -87,6 +92,8 @@ class WorkerStatistics:
     claims: tuple[str, ...] = ()
     #: Tasks waiting for a claim no live worker holds, by consumer name (as last looked).
     waiting_for_claims: dict[str, int] = attrs.field(factory=dict)
+    #: Counters and handler-time percentiles of each registered task type.
+    task_types: dict[str, TaskTypeStatistics] = attrs.field(factory=dict)
 
 
 class Worker:
@@ -121,6 +128,10 @@ class Worker:
       exists by then into the cycle collector's permanent generation (:func:`gc.freeze`),
       so that its full collections only walk what was made since; unfrozen when the
       worker stops (default True; see docs/performance.md).
+    - ``telemetry``: ``True`` for OpenTelemetry spans and metrics of every execution,
+      sent to the global providers, or a :class:`natrio.otel.Telemetry` naming others
+      (needs the ``otel`` extra; default False: natrio then never imports OpenTelemetry;
+      see docs/telemetry.md).
 
     - ``partitions``: the partition count of every handler registered without one of
       its own (see :meth:`handle` and docs/routing.md).
@@ -152,6 +163,7 @@ class Worker:
         freeze_gc: bool = True,
         partitions: int | None = None,
         claims: Claims | None = None,
+        telemetry: bool | Telemetry = False,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -209,6 +221,8 @@ class Worker:
             )
         self.started_event_after = started_event_after
         self.freeze_gc = bool(freeze_gc)
+        # Decided once here: without telemetry, run() builds the plain dispatcher.
+        self._telemetry = telemetry_option(telemetry)
         self.partitions = None if partitions is None else check_partitions(partitions)
         self._claims_source: Callable[[], Any] | None = None
         self._static_claims: tuple[str, ...] = ()
@@ -552,7 +566,12 @@ class Worker:
         self._running = True
         self._stopping = False
         self._started_at = now_iso()
-        reporter = Reporter(self.nc, self.worker_id)
+        telemetry = None
+        if self._telemetry is not None:
+            telemetry = self._telemetry._for_worker(self.worker_id)
+        reporter = (
+            Reporter(self.nc, self.worker_id) if telemetry is None else telemetry.reporter(self.nc)
+        )
         dispatcher = Dispatcher(
             reporter,
             concurrency=self.concurrency,
@@ -562,6 +581,7 @@ class Worker:
             hooks=self.hooks,
             hook_timeout=self.hook_timeout,
             started_event_after=self.started_event_after,
+            telemetry=telemetry,
         )
         self._dispatcher = dispatcher
         registration = Registration(self.nc, self._token, self._describe)
@@ -802,12 +822,14 @@ class Worker:
         self._stop.set()
 
     def statistics(self) -> WorkerStatistics:
-        """A snapshot of the dispatcher's counters, each consumer's window, and the
-        partitions and claims held."""
+        """A snapshot of the dispatcher's counters, each consumer's window, the
+        partitions and claims held, and each task type's counters and handler times."""
         if self._dispatcher is not None:
             counters = self._dispatcher.statistics()
+            by_type = self._dispatcher.task_type_statistics(self.task_types)
         else:
             counters = DispatcherStatistics(self.concurrency, 0, 0, 0, 0, 0, 0)
+            by_type = {t: TaskTypeStatistics(t) for t in self.task_types}
         live = self._consumer_set.live() if self._consumer_set is not None else []
         return WorkerStatistics(
             worker_id=self.worker_id,
@@ -817,6 +839,7 @@ class Worker:
             partitions=dict(self._partitions.held) if self._partitions else {},
             claims=self.claims,
             waiting_for_claims=dict(self._claims.waiting) if self._claims else {},
+            task_types=by_type,
         )
 
 

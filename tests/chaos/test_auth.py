@@ -162,8 +162,10 @@ def inspector_permissions(task_type: str, *, inbox: str) -> Permissions:
     Client.dead_letter_input): the optional-features table of docs/permissions.md."""
     return Permissions(
         publish=(
-            "$JS.API.STREAM.INFO.NATRIO_DLQ",
-            f"$JS.API.DIRECT.GET.NATRIO_DLQ.natrio.dead.{task_type}.>",
+            # a short-lived consumer per page of entries, its filter pinned to the type
+            f"$JS.API.CONSUMER.CREATE.NATRIO_DLQ.*.natrio.dead.{task_type}.>",
+            "$JS.API.CONSUMER.MSG.NEXT.NATRIO_DLQ.*",
+            "$JS.API.CONSUMER.DELETE.NATRIO_DLQ.*",
             "$JS.API.DIRECT.GET.OBJ_natrio_dead_inputs",
             "$JS.API.DIRECT.GET.OBJ_natrio_dead_inputs.$O.natrio_dead_inputs.M.>",
         ),
@@ -1018,7 +1020,7 @@ async def test_a_submitter_cannot_steer_where_the_worker_publishes(
                         }
                 inspector = natrio.Client(inspector_nc)
                 [entry] = [
-                    e for e in await inspector.dead_letters(TASK_TYPE) if e.run_id != "victim"
+                    e async for e in inspector.dead_letters(TASK_TYPE) if e.run_id != "victim"
                 ]
                 stored_input = await inspector.dead_letter_input(entry)
                 await admin.flush()

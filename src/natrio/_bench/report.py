@@ -14,6 +14,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -201,6 +202,30 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(kept) if kept else math.nan
 
 
+_PROCESSES_KEY = re.compile(r"natrio-(\d+)p")
+
+
+def _process_scaling(
+    rates: dict[str, list[float]], names: dict[str, str]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """natrio's worker in N processes against 1 (``natrio-1p``, else the in-process
+    ``natrio``): the median of each round's ratio, a figure without a target."""
+    base = "natrio-1p" if "natrio-1p" in rates else "natrio" if "natrio" in rates else None
+    ratios: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    if base is None:
+        return ratios, rows
+    for key, theirs in rates.items():
+        match = _PROCESSES_KEY.fullmatch(key)
+        if match is None or key == base:
+            continue
+        ratio = _paired_ratio(theirs, rates[base])
+        ratios[f"drain_natrio_{match[1]}p_vs_{base.replace('natrio-', '')}"] = ratio
+        shown = f"{ratio:.2f}x {names.get(base, base)}"
+        rows.append(_row("drain", names.get(key, key), "tasks/s", f"{_median(theirs):,.0f}", shown))
+    return ratios, rows
+
+
 def _drain_summary(
     drain: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, float], list[_Target], list[dict[str, Any]]]:
@@ -230,10 +255,12 @@ def _drain_summary(
     ratios: dict[str, float] = {}
     targets: list[_Target] = []
     rows: list[dict[str, Any]] = []
+    scaling, scaling_rows = _process_scaling(rates, names)
+    ratios.update(scaling)
     if "natrio" not in runs:
         for key, value in per_key.items():
             rows.append(_row("drain", names.get(key, key), "tasks/s", f"{value['rate']:,.0f}"))
-        return figures, ratios, targets, rows
+        return figures, ratios, targets, rows + scaling_rows
     ours = rates["natrio"]
     found: dict[str, tuple[_Target, str]] = {}
     for target_id, key, limit, shown in _DRAIN_TARGETS:
@@ -290,7 +317,7 @@ def _drain_summary(
                     target,
                 )
             )
-    return figures, ratios, targets, rows
+    return figures, ratios, targets, rows + scaling_rows
 
 
 #: Round-trip targets: (id, contestant, percentile, the most natrio's may be of theirs).
@@ -670,7 +697,7 @@ def write_plot(doc: dict[str, Any], path: Path) -> bool:
 def _plot_drain(ax: Any, drain: dict[str, Any], ratios: dict[str, float]) -> None:
     keys = list(drain["median_rate"])
     medians = [drain["median_rate"][key] for key in keys]
-    colors = ["#1e88e5" if key == "natrio" else "#9e9e9e" for key in keys]
+    colors = ["#1e88e5" if key.startswith("natrio") else "#9e9e9e" for key in keys]
     bars = ax.bar(keys, medians, color=colors, zorder=2)
     for x, key in enumerate(keys):
         ax.scatter(

@@ -131,6 +131,9 @@ class BenchConfig:
     stall_timeout: float = 60.0
     #: Keys of the drain and loss contestants to run (None: all); see :data:`DRAIN_KEYS`.
     contestants: frozenset[str] | None = None
+    #: Worker process counts natrio's drain also runs with, a contestant ``natrio-<N>p``
+    #: each (see :func:`natrio_process_contestants`); not in the loss scenario.
+    natrio_processes: tuple[int, ...] = ()
 
 
 class Bar(Protocol):
@@ -576,6 +579,19 @@ def drain_contestants(sizes: Sizes) -> tuple[list[DrainContestant], list[str]]:
 DRAIN_KEYS = ("A", "B", "B-same", "natrio", "faststream", "faststream-workers", "taskiq")
 
 
+def natrio_process_contestants(processes: Sequence[int], window: int) -> list[DrainContestant]:
+    """natrio's drain with its worker in N processes, run by natrio's supervisor as
+    ``natrio worker --processes N`` runs them: a contestant ``natrio-<N>p`` for each N."""
+    return [
+        DrainContestant(
+            f"natrio-{n}p",
+            f"natrio, {n} process{'es' if n > 1 else ''}",
+            _python(_CONTESTANTS, "drain-processes", "--processes", n, "--concurrency", window),
+        )
+        for n in processes
+    ]
+
+
 def _chosen(session: Session) -> tuple[list[DrainContestant], list[str]]:
     contestants, skipped = drain_contestants(session.sizes)
     wanted = session.config.contestants
@@ -588,6 +604,11 @@ async def _drain(session: Session) -> dict[str, Any]:
     sizes, rounds = session.sizes, session.config.rounds
     count, url = sizes.drain_tasks, session.url
     contestants, skipped = _chosen(session)
+    # Right after natrio's own (in-process) contestant, whatever --contestant picked.
+    after = next((i + 1 for i, c in enumerate(contestants) if c.key == "natrio"), len(contestants))
+    contestants[after:after] = natrio_process_contestants(
+        session.config.natrio_processes, sizes.window
+    )
     runs: dict[str, list[dict[str, Any]]] = {c.key: [] for c in contestants}
     order: list[str] = []
     # Interleaved (A, B, ..., natrio, A, B, ...) so a drift of the machine's speed during

@@ -161,11 +161,16 @@ class Meter:
         }
 
 
+#: What the line of a contestant's figures on stdout starts with.
+EMIT_PREFIX = "NATRIO-BENCH "
+
+
 def emit(figures: dict[str, Any]) -> None:
     """Hand a contestant's figures to the bench: one JSON line on stdout.
 
-    Every line carries the process's peak RSS so far (``rss_peak``).
+    Every line carries the process's peak RSS so far (``rss_peak``), unless the figures
+    bring their own (a contestant whose workers are other processes reports theirs).
     """
-    line = json.dumps(figures | {"rss_peak": rss_peak_bytes()})
-    sys.stdout.write("NATRIO-BENCH " + line + "\n")
+    line = json.dumps({"rss_peak": rss_peak_bytes()} | figures)
+    sys.stdout.write(EMIT_PREFIX + line + "\n")
     sys.stdout.flush()

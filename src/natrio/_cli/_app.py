@@ -145,7 +145,7 @@ def urls(url: str) -> list[str]:
 @click.version_option(natrio.__version__, prog_name="natrio")
 def cli() -> None:
     """natrio: run Trio workers for NATS JetStream tasks, submit tasks, send signals,
-    follow streamed output, inspect workers.
+    follow streamed output, inspect workers, replay dead letters.
 
     Commands that talk to NATS take --url (default: $NATRIO_URL, else
     nats://127.0.0.1:4222). Errors exit with status 1, usage and configuration

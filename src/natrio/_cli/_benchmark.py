@@ -49,6 +49,19 @@ def _contestant_names(
     return frozenset(names) or None
 
 
+def _process_counts(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[int, ...]:
+    counts: set[int] = set()
+    for part in (part.strip() for item in value for part in item.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise click.BadParameter(f"{part!r} is not a process count (an integer >= 1)")
+        counts.add(int(part))
+    return tuple(sorted(counts))
+
+
 def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], F]:
     return click.option(
         name,
@@ -112,6 +125,16 @@ def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], 
     help="Seconds each loss contestant runs without an events stream. Default: 5 (3 with --quick).",
 )
 @click.option(
+    "--natrio-processes",
+    "natrio_processes",
+    multiple=True,
+    callback=_process_counts,
+    metavar="N[,N...]",
+    help="Also drain with natrio's worker in N processes, as `natrio worker --processes N` "
+    "runs them: a contestant natrio-Np for each N (repeat or comma-separate), with its "
+    "ratio to natrio-1p. Not in the loss scenario.",
+)
+@click.option(
     "--output",
     type=click.Path(file_okay=False, writable=True),
     default="bench-results",
@@ -138,6 +161,7 @@ def bench(
     longrun_tasks: int | None,
     loss_tasks: int | None,
     loss_seconds: float | None,
+    natrio_processes: tuple[int, ...],
     output: str,
     store_dir: str | None,
 ) -> None:
@@ -179,6 +203,7 @@ def bench(
         rounds=rounds,
         store_dir=store_dir,
         contestants=contestants,
+        natrio_processes=natrio_processes,
     )
     command = " ".join([os.path.basename(sys.argv[0]) or "natrio", *sys.argv[1:]])
     doc = run(_bench, config, mode, command)

@@ -17,7 +17,24 @@ import trio
 
 import natrio
 
-from ._app import cli, connection_options, logging_to_stderr, reported_errors, run, say, urls
+from .._supervisor import (
+    Supervisor,
+    cpu_count,
+    report_ready,
+    run_supervisor,
+    stop_when_supervisor_gone,
+)
+from ._app import (
+    URL_ENV_VAR,
+    cli,
+    connection_options,
+    logging_to_stderr,
+    reported_errors,
+    run,
+    say,
+    single,
+    urls,
+)
 
 #: What ``natrio worker MODULE:ATTRIBUTE`` expects ``ATTRIBUTE`` to be.
 WorkerFactory = Callable[[natrio.Connection], natrio.Worker | Awaitable[natrio.Worker]]
@@ -104,6 +121,18 @@ async def make_worker(
     return produced
 
 
+def _process_count(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    if value.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        count = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor auto") from None
+    if count < 1:
+        raise click.BadParameter(f"must be at least 1, got {count}")
+    return count
+
+
 @cli.command()
 @click.argument("spec", metavar="MODULE:ATTRIBUTE")
 @connection_options
@@ -127,6 +156,18 @@ async def make_worker(
     show_default=True,
     help="Level of the log written to stderr.",
 )
+@click.option(
+    "--processes",
+    default="1",
+    show_default=True,
+    callback=_process_count,
+    metavar="N|auto",
+    help="Worker processes to run, each with the factory's worker; auto: one per CPU. "
+    "With more than 1, this process supervises them: restarts one that dies, passes "
+    "SIGINT/SIGTERM on to all.",
+)
+# Internal: set on the processes a supervisor starts (see natrio._supervisor).
+@click.option("--supervised", is_flag=True, hidden=True)
 def worker(
     spec: str,
     url: str,
@@ -134,6 +175,8 @@ def worker(
     grace: float | None,
     app_dir: str | None,
     log_level: str,
+    processes: int,
+    supervised: bool,
 ) -> None:
     """Run a worker until SIGINT or SIGTERM.
 
@@ -153,15 +196,77 @@ def worker(
     then `natrio worker myapp:make_worker`. The worker id is printed to stderr once
     the worker is pulling tasks and registered. On SIGINT or SIGTERM it stops taking
     tasks, gives running ones --grace seconds, and exits with status 0.
+
+    With --processes N (or auto, one per CPU) it starts N worker processes instead, each
+    running the factory's worker (child i finds i in $NATRIO_WORKER_INDEX), prefixes
+    their output lines with [i], starts one that dies again (backing off; it gives up
+    with exit status 1 when one dies before it is ready 3 times in a row) and passes
+    SIGINT and SIGTERM on to all of them.
     """
     with reported_errors():
+        # Checked here even when processes run it, so that a wrong spec fails at once.
         factory = load_worker_factory(spec, app_dir)
     with logging_to_stderr(log_level):
-        run(_work, spec, factory, urls(url), connect_timeout, grace)
+        if processes > 1:
+            argv = _child_argv(spec, connect_timeout, grace, app_dir, log_level)
+            # The URL goes to the processes in the environment: on their command lines,
+            # credentials in it would be visible to everyone on the host.
+            env = {**os.environ, URL_ENV_VAR: url}
+            run(_supervise, argv, processes, grace, env)
+        else:
+            run(_work, spec, factory, urls(url), connect_timeout, grace, supervised)
+
+
+def _child_argv(
+    spec: str, connect_timeout: float, grace: float | None, app_dir: str | None, log_level: str
+) -> list[str]:
+    argv = [sys.executable, "-m", "natrio", "worker", spec, "--processes", "1", "--supervised"]
+    argv += ["--connect-timeout", repr(connect_timeout), "--log-level", log_level]
+    if grace is not None:
+        argv += ["--grace", repr(grace)]
+    if app_dir is not None:
+        argv += ["--app-dir", os.path.abspath(app_dir)]
+    return argv
+
+
+async def _supervise(
+    argv: list[str], processes: int, grace: float | None, env: dict[str, str]
+) -> None:
+    supervisor = Supervisor(lambda index: argv, processes, grace=grace, env=env, tell=say)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_supervisor, supervisor)
+        # Started also means "stopped before all were ready" (a signal came first).
+        if all(process.ready for process in supervisor.statistics()):
+            say(f"{processes} worker processes started; SIGINT or SIGTERM stops them", "green")
+    say(f"{processes} worker processes stopped")
 
 
 async def _work(
-    spec: str, factory: WorkerFactory, urls: list[str], connect_timeout: float, grace: float | None
+    spec: str,
+    factory: WorkerFactory,
+    urls: list[str],
+    connect_timeout: float,
+    grace: float | None,
+    supervised: bool = False,
+) -> None:
+    try:
+        await _serve(spec, factory, urls, connect_timeout, grace, supervised)
+    except BaseExceptionGroup as group:
+        # A factory's own bug (or any lone failure) is shown as itself, its traceback
+        # ending where it was raised, rather than inside the nurseries' groups.
+        sole = single(group)
+        if sole is group:
+            raise
+        raise sole from None
+
+
+async def _serve(
+    spec: str,
+    factory: WorkerFactory,
+    urls: list[str],
+    connect_timeout: float,
+    grace: float | None,
+    supervised: bool,
 ) -> None:
     # Until run_worker installs its own handlers, a signal means "give up": there is
     # nothing to drain yet, and waiting out a connect timeout would feel like a hang.
@@ -180,7 +285,12 @@ async def _work(
             ) as nc:
                 built = await make_worker(factory, nc, spec)
                 async with trio.open_nursery() as inner:
-                    await inner.start(functools.partial(natrio.run_worker, built, grace=grace))
+
+                    async def serve(task_status: trio.TaskStatus[None]) -> None:
+                        await natrio.run_worker(built, grace=grace, task_status=task_status)
+                        inner.cancel_scope.cancel()  # ends the supervisor watch too
+
+                    await inner.start(serve)
                     # Printed only now, so it means "pulling and registered" to whoever waits
                     # for it (scripts, tests).
                     say(
@@ -189,5 +299,12 @@ async def _work(
                         f"connected to {nc.url}",
                         "green",
                     )
+                    if supervised:
+                        report_ready(
+                            built.worker_id, built.shutdown_grace if grace is None else grace
+                        )
+                        inner.start_soon(
+                            stop_when_supervisor_gone, functools.partial(built.stop, grace)
+                        )
             say(f"worker {built.worker_id} stopped")
             nursery.cancel_scope.cancel()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
+from .. import _schedules as schedules
 from .. import _wire as wire
 from .._errors import ConfigurationError, MalformedTask
 from .._model import Task
@@ -44,6 +45,9 @@ _TASK_HEADERS: Final = frozenset(
 #: The longest ``Natrio-Key`` natrio takes.
 MAX_KEY: Final = 1024
 _LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
+# The only headers of JetStream's message schedules a task may carry: those the server
+# adds to the task it stores when a schedule fires (see _fired_run_id).
+_FIRED_HEADERS: Final = frozenset({wire.H_SCHEDULER, wire.H_SCHEDULE_NEXT})
 
 
 # A JetStream ack subject (v1: 9 tokens; v2: domain and account hash first, then the v1
@@ -105,9 +109,17 @@ def _number(name: str, value: str) -> float:
 def _name_problem(name: str) -> str:
     if not valid_header_name(name):
         return f"invalid header name {name[:64]!r}"
-    canonical = _LOWER.get(name.lower())
+    lower = name.lower()
+    canonical = _LOWER.get(lower)
     if canonical is not None and canonical != name:
         return f"header {name!r}: natrio's header names are exact ({canonical})"
+    if lower.startswith("nats-schedule") and name not in _FIRED_HEADERS:
+        # A schedule message on a task subject (or a fired task's header in another case):
+        # acking it would run the schedule's payload as a task and delete the schedule.
+        return (
+            f"header {name[:64]!r}: a task carries no message-schedule header but "
+            f"{' and '.join(sorted(_FIRED_HEADERS))}, as the server sets them on a fired task"
+        )
     return ""
 
 
@@ -195,6 +207,12 @@ def read_task(
         text = headers.get(wire.H_KEY)
         if text is not None and len(text) > MAX_KEY:
             raise MalformedTask(f"{wire.H_KEY} is over {MAX_KEY} characters")
+        scheduler = headers.get(wire.H_SCHEDULER)
+        next_time = headers.get(wire.H_SCHEDULE_NEXT)
+        if scheduler is not None or next_time is not None:
+            run_id = _fired_run_id(
+                msg.reply, scheduler, next_time, task_type, plain_group, run_id, step_id
+            )
     return Task(
         task_type=task_type,
         group=plain_group,
@@ -211,6 +229,60 @@ def read_task(
         iteration=iteration,
         delivered=delivered,
         started_at=started_at,
+    )
+
+
+def ack_timestamp(reply: str) -> int | None:
+    """The stream timestamp (nanoseconds since the epoch) in a JetStream ack subject, or
+    None if it is not one natrio takes."""
+    if ack_position(reply) is None:
+        return None
+    parts = reply.split(".")
+    token = parts[7] if len(parts) == 9 else parts[9]
+    return int(token) if schedules.valid_timestamp(token) else None
+
+
+def _fired_run_id(
+    reply: str,
+    scheduler: str | None,
+    next_time: str | None,
+    task_type: str,
+    group: str,
+    run_id: str,
+    step_id: str,
+) -> str:
+    """The run id of a task a message schedule stored (``Nats-Scheduler`` names the
+    schedule, ``Nats-Schedule-Next`` says ``purge`` or when it fires next), or raise.
+
+    Only natrio's own schedules of this very task are taken: a delayed task's, whose run
+    id stays the subject's, and a recurring schedule's firing on
+    ``<schedule_id>.<step_id>``, whose run id is the schedule id and the firing's stream
+    timestamp (so every firing is a run of its own). Anyone may publish these headers
+    (the server lets a client send ``purge``), so they must agree with the subject.
+    """
+    if scheduler is None or next_time is None:
+        raise MalformedTask(
+            f"{wire.H_SCHEDULER} and {wire.H_SCHEDULE_NEXT} come together on a fired task"
+        )
+    if next_time != schedules.NEXT_PURGE and not schedules.NEXT_TIME.fullmatch(next_time):
+        raise MalformedTask(f"bad {wire.H_SCHEDULE_NEXT} header {next_time[:64]!r}")
+    if scheduler == wire.delayed_subject(task_type, group, run_id, step_id):
+        if next_time != schedules.NEXT_PURGE:
+            raise MalformedTask(f"a delayed task fires once: {wire.H_SCHEDULE_NEXT} is not purge")
+        return run_id
+    if scheduler == wire.schedule_subject(task_type, group, run_id):
+        if len(run_id) > schedules.MAX_SCHEDULE_ID:
+            raise MalformedTask(
+                f"schedule id {run_id[:64]!r}... is over {schedules.MAX_SCHEDULE_ID} characters"
+            )
+        stamp = ack_timestamp(reply)
+        if stamp is None:
+            raise MalformedTask(f"no stream timestamp in the ack subject {reply[:100]!r}")
+        return schedules.firing_run_id(run_id, stamp)
+    raise MalformedTask(
+        f"{wire.H_SCHEDULER} {scheduler[:200]!r} is not this task's schedule "
+        f"({wire.delayed_subject(task_type, group, '<run_id>', '<step_id>')} or "
+        f"{wire.schedule_subject(task_type, group, '<run_id>')} of its own ids)"
     )
 
 

@@ -225,6 +225,9 @@ class Executor:
         call = self.chain(route)
         if task.deadline is not None:
             scope.deadline = trio.current_time() + (task.deadline - time.time())
+        tally = self.recorder.tallies[route.task_type]
+        tally.started += 1
+        began = time.perf_counter()
         try:
             if route.timeout is None:
                 if self.middleware:
@@ -238,6 +241,7 @@ class Executor:
                     raise HandlerTimeout(f"the handler did not finish within {route.timeout} s")
         except BaseException as exc:
             delivery.running = False
+            tally.durations.append(time.perf_counter() - began)
             failure = without_pause(exc)
             if failure is None:
                 return  # ctx.pause() ended the execution, possibly from inside a nursery
@@ -255,6 +259,7 @@ class Executor:
                 )
             return
         delivery.running = False
+        tally.durations.append(time.perf_counter() - began)
         if not ctx.finished:
             # The common path, so without a shield of its own: the deadline is lifted and a
             # shutdown cancels only running handlers, so nothing cancels the recording

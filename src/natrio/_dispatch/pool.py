@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -25,6 +26,10 @@ from .execution import Executor, Route
 from .lease import Lease, Prober
 from .queue import Closed, RunnerQueue
 from .recording import Recorder, StepHooks
+from .tally import TaskTypeStatistics
+
+if TYPE_CHECKING:
+    from ..otel import _WorkerTelemetry
 
 log = logging.getLogger("natrio.dispatcher")
 
@@ -82,14 +87,19 @@ class Dispatcher:
         hooks: StepHooks | None = None,
         hook_timeout: float = 10.0,
         started_event_after: float | None = 0.0,
+        telemetry: _WorkerTelemetry | None = None,
     ) -> None:
         self.reporter = reporter
         self.conn = reporter.conn
-        self.recorder = Recorder(
+        # With telemetry (natrio.otel), its recorder and executor, chosen once here: a worker
+        # without it runs exactly the code it would run without the extra.
+        recorder_type = Recorder if telemetry is None else telemetry.recorder_type
+        executor_type = Executor if telemetry is None else telemetry.executor_type
+        self.recorder = recorder_type(
             reporter, state or StepState(reporter.conn), hooks=hooks, hook_timeout=hook_timeout
         )
         self.recorder.on_lone_ack = self._on_lone_ack
-        self.executor = Executor(
+        self.executor = executor_type(
             self.recorder,
             default_retry=default_retry,
             logger=logger,
@@ -517,3 +527,18 @@ class Dispatcher:
             forwarded=self.executor.forwarded,
             fenced=self.fenced,
         )
+
+    def task_type_statistics(self, task_types: Sequence[str]) -> dict[str, TaskTypeStatistics]:
+        """Counters and handler-time percentiles of each of ``task_types``."""
+        # In flight is counted here, from the running set, rather than kept per task.
+        running: dict[str, int] = {}
+        for delivery in self._running:
+            task_type = delivery.route.task_type
+            running[task_type] = running.get(task_type, 0) + 1
+        tallies = self.recorder.tallies
+        return {
+            task_type: TaskTypeStatistics.of(
+                task_type, tallies.get(task_type), running.get(task_type, 0)
+            )
+            for task_type in task_types
+        }

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,6 +24,7 @@ from .._state import StepState
 from .._transport import Headers
 from .edge import check_reply, read_task, reply_target, valid_id
 from .policy import Dead, decide, finite_delay
+from .tally import Tally
 
 if TYPE_CHECKING:
     from .._context import TaskContext
@@ -82,6 +84,8 @@ class Recorder:
         # Called when a pipelined completion is acknowledged while nothing else runs.
         self.on_lone_ack: Callable[[], None] = lambda: None
         self.counts = Counts()
+        #: The same outcomes by task type, with the handler calls (see tally.py).
+        self.tallies: defaultdict[str, Tally] = defaultdict(Tally)
         # Pipelined completions whose events are on their way to the stream.
         self.recording = 0
         self._none_recording = trio.Event()
@@ -169,6 +173,7 @@ class Recorder:
             if delivery.term():
                 self.reporter.announce(ctx.task, payload, headers)
         self.counts.dead += 1
+        self.tallies[ctx.task.task_type].dead += 1
 
     async def complete(
         self, delivery: Delivery, ctx: TaskContext, output: object, *, shield: bool = True
@@ -229,6 +234,7 @@ class Recorder:
         if delivery.ack():
             self.reporter.announce(ctx.task, payload, headers)
             self.counts.processed += 1
+            self.tallies[ctx.task.task_type].succeeded += 1
 
     def _completion_stored(
         self,
@@ -288,6 +294,8 @@ class Recorder:
         decision = decide(exc, ctx.policy, task.attempt, permanent=permanent, delay=delay)
         error = decision.error
         self.counts.failed += 1
+        tally = self.tallies[task.task_type]
+        tally.failed += 1
         if isinstance(decision, Dead):
             ctx.logger.warning(
                 "task dead (%s) after attempt %d: %s: %s",
@@ -308,6 +316,7 @@ class Recorder:
         self.reporter.failed(task, error, decision.delay)
         delivery.nak(decision.delay)
         self.counts.retried += 1
+        tally.retried += 1
 
     async def pause(self, delivery: Delivery, ctx: TaskContext, delay: float) -> None:
         """Record the pause (so it uses no attempt) and NAK with the delay."""
@@ -346,10 +355,16 @@ class Recorder:
         except Exception as exc:
             await self.fail(delivery, ctx, exc, permanent=True, delay=None)
             return
+        # The task's own subject, which is the message's but for a recurring schedule's
+        # firing: its run id is the firing's, not the schedule id the message came on.
+        subject = wire.task_subject(
+            task.task_type, task.group, task.run_id, task.step_id, task.placement
+        )
         with self.recording_scope():
-            await self.reporter.continued(task, delivery.msg.subject, payload, headers)
+            await self.reporter.continued(task, subject, payload, headers)
         if delivery.ack():
             self.counts.processed += 1
+            self.tallies[task.task_type].succeeded += 1
 
     async def hand_back(self, delivery: Delivery, inbox_prefix: str) -> None:
         """Return a task at shutdown: recorded (briefly, best effort) as a return, so the
@@ -399,3 +414,4 @@ class Recorder:
             )
         delivery.term()
         self.counts.dead += 1
+        self.tallies[delivery.route.task_type].dead += 1
