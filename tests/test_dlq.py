@@ -25,6 +25,8 @@ import natrio
 from natrio._cli import cli
 from natrio._dead_letters import replay_headers, replay_placement
 from natrio._jetstream import JetStream
+from natrio._objects import ObjectStore, dead_input_owner
+from natrio._outcomes import bounded_headers
 from natrio._routing.placement import partition_of
 from natrio.testing import WorkerFactory
 
@@ -96,6 +98,29 @@ async def update_stream(nc: natrio.Connection, name: str, **changes: Any) -> Non
     js = JetStream(nc)
     config = (await js.stream_info(name))["config"] | changes
     await js.api(f"STREAM.UPDATE.{name}", config)
+
+
+async def gone_task(js: JetStream) -> int:
+    """The sequence of a task that was in the task stream and is gone (as a dead-lettered
+    task is, once terminated): what a real entry's ``task_seq`` is."""
+    seq = int((await js.publish("natrio.task.gone.default.run.gone", b""))["seq"])
+    await js.api("STREAM.MSG.DELETE.NATRIO_TASKS", {"seq": seq})
+    return seq
+
+
+async def forge_event(
+    js: JetStream, task_type: str, run_id: str, kind: str, task_seq: int, step_id: str = ""
+) -> None:
+    """Publish an event of a step as anyone allowed on ``natrio.event.>`` could, with the
+    headers a worker gives its events."""
+    headers = {
+        "Natrio-Outcome": kind,
+        "Natrio-Task-Seq": str(task_seq),
+        "Natrio-Attempt": "1",
+        "Natrio-Worker": "forger.0@host",
+    }
+    subject = f"natrio.event.{task_type}.{run_id}.{step_id or task_type}.{kind}"
+    await js.publish(subject, b"forged", headers=headers)
 
 
 # -- what a replay keeps (pure) -------------------------------------------------------------
@@ -178,8 +203,20 @@ def test_replay_placement_follows_the_key() -> None:
         {"attempts": True},
         {"task_seq": 1.5},
         {"input_ref": ""},
-        {"input_ref": "dlq-1"},  # beside an inline input
+        {"input_ref": "dlq-10000"},  # beside an inline input
+        # Another task's stored input (the entry's task_seq is 10000).
+        {"input": "", "input_ref": "dlq-9999"},
+        {"input": "", "input_ref": "../dlq-10000"},
+        {"input": "", "task_seq": 0, "input_ref": "dlq-10000"},
         {"time": None},
+        # Header names that are not RFC 7230 tokens, values of more than one line.
+        {"headers": {"[/x]": "v"}},
+        {"headers": {"[link=https://evil.example]x[/link]": "v"}},
+        {"headers": {"K\x1b[2J": "v"}},
+        {"headers": {"bad name": "v"}},
+        {"headers": {"": "v"}},
+        {"headers": {"K": "one\ntwo"}},
+        {"headers": {"K": "one\rtwo"}},
     ],
 )
 def test_entries_that_are_not_valid_are_refused(change: dict[str, Any]) -> None:
@@ -192,6 +229,29 @@ def test_entries_read_back_with_their_seq() -> None:
     original = entry(headers={"K": "v"}, data=b"\x00\xff")
     assert natrio.DeadLetter.from_json(original.to_json(), seq=5) == attrs.evolve(original, seq=5)
     assert "seq" not in json.loads(attrs.evolve(original, seq=5).to_json())
+    # The names a worker gives a stored input: its task's, or one by time without a seq.
+    for task_seq, ref in ((10_000, "dlq-10000"), (0, "dlq-2030-01-01T00:00:00.5+00:00")):
+        stored = entry(data=b"", task_seq=task_seq, input_ref=ref, headers={"K": "[/x] v"})
+        assert natrio.DeadLetter.from_json(stored.to_json()) == stored
+
+
+def test_a_worker_keeps_only_headers_an_entry_may_have() -> None:
+    kept = bounded_headers(
+        {
+            "Natrio-Reply": "_INBOX." + "x" * 5000,
+            "bad name": "x",
+            "K": "one\ntwo",
+            "Long" * 100: "x",
+            "Fine": "yes",
+        }
+    )
+    assert set(kept) == {"Natrio-Reply", "Fine", "Natrio-Headers-Cut"}
+    assert kept["Natrio-Headers-Cut"] == "3"
+    assert "characters cut" in kept["Natrio-Reply"]
+    assert len(kept["Natrio-Reply"]) <= 2048
+    # What a worker writes, the reader takes.
+    written = entry(headers=kept)
+    assert natrio.DeadLetter.from_json(written.to_json()) == written
 
 
 # -- replay ---------------------------------------------------------------------------------
@@ -342,8 +402,13 @@ async def test_replaying_twice_makes_one_task_even_when_the_entry_stays(
     natrio_connection: natrio.Connection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """As if the process died between storing the replay and removing the entry."""
-    seq = await publish(natrio_client.js, entry("twice", data=b"once"))
+    """As if the process died between storing the replay and removing the entry, and the
+    next replay came after the duplicate window: only the look for a newer task keeps it
+    from storing a second one (the replay's message id no longer does)."""
+    window = 0.2
+    await natrio.provision(natrio_connection, duplicate_window=window)
+    js = natrio_client.js
+    seq = await publish(js, entry("twice", data=b"once", task_seq=await gone_task(js)))
     # Entries cannot be removed from now on (a stream cannot take that back).
     await update_stream(natrio_connection, "NATRIO_DLQ", deny_delete=True)
     with caplog.at_level(logging.WARNING, logger="natrio.dead_letters"):
@@ -353,6 +418,7 @@ async def test_replaying_twice_makes_one_task_even_when_the_entry_stays(
     assert await natrio_client.dead_letter(seq) is not None
 
     # Waiting in the task stream: a second replay finds it and queues nothing.
+    await trio.sleep(2 * window)
     second = await natrio_client.replay(seq)
     assert (second.duplicate, second.seq) == (True, first.seq)
     assert await stored_tasks(natrio_connection, "twice") == {
@@ -371,12 +437,163 @@ async def test_replaying_twice_makes_one_task_even_when_the_entry_stays(
     await natrio_worker_factory.start(worker)
     with trio.fail_after(10):
         assert await first.result() == b"once"
+    await trio.sleep(2 * window)
     third = await natrio_client.replay(seq)
     assert (third.duplicate, third.seq) == (True, first.seq)
     with trio.fail_after(10):
         assert await third.result() == b"once"
     assert runs == [b"once"]
     assert sum((await event_counts(natrio_connection, "completed")).values()) == 1
+    assert await stored_tasks(natrio_connection, "twice") == {}
+
+
+class Interleaved(JetStream):
+    """The client's JetStream API, running ``meanwhile`` once, right after the first look
+    a replay takes at the task stream or the events stream for a newer task."""
+
+    def __init__(self, nc: natrio.Connection, meanwhile: Any) -> None:
+        super().__init__(nc)
+        self.meanwhile = meanwhile
+        self.looks: list[str] = []
+
+    async def _looked(self, what: str) -> None:
+        self.looks.append(what)
+        if len(self.looks) == 1:
+            await self.meanwhile()
+
+    async def api(self, subject: str, body: Any = None) -> dict[str, Any]:
+        try:
+            return await super().api(subject, body)
+        finally:
+            if subject.startswith(("STREAM.MSG.GET.NATRIO_TASKS", "STREAM.INFO.NATRIO_TASKS")):
+                await self._looked("tasks")
+
+    async def last_message(self, stream: str, subject: str) -> natrio.Message | None:
+        try:
+            return await super().last_message(stream, subject)
+        finally:
+            if stream == "NATRIO_EVENTS":
+                await self._looked("events")
+
+    async def messages(
+        self, stream: str, subjects_filter: str, **options: Any
+    ) -> tuple[list[natrio.Message], bool]:
+        try:
+            return await super().messages(stream, subjects_filter, **options)
+        finally:
+            if stream == "NATRIO_EVENTS":
+                await self._looked("events")
+
+
+async def test_a_replay_that_finishes_while_a_replay_looks_is_seen(
+    natrio_worker_factory: WorkerFactory,
+    natrio_client: natrio.Client,
+    natrio_connection: natrio.Connection,
+) -> None:
+    """A replay task leaves the task stream only once its outcome's event is stored: one
+    that finishes between the look at the task stream and the look at the events is in
+    the second look, whichever comes first (events first would miss it)."""
+    window = 0.2
+    await natrio.provision(natrio_connection, duplicate_window=window)
+    js = natrio_client.js
+    seq = await publish(js, entry("between", data=b"in", task_seq=await gone_task(js)))
+    await update_stream(natrio_connection, "NATRIO_DLQ", deny_delete=True)
+    first = await natrio_client.replay(seq)  # stored; its entry stays
+    await trio.sleep(2 * window)
+
+    runs: list[bytes] = []
+
+    async def run_the_replay() -> None:
+        worker = natrio_worker_factory()
+
+        @worker.handle("between")
+        async def between(ctx: natrio.TaskContext) -> bytes:
+            runs.append(ctx.input)
+            return ctx.input
+
+        await natrio_worker_factory.start(worker)
+        with trio.fail_after(10):
+            assert await first.result() == b"in"
+            # Acked after its event is stored; the server's state has no event to await.
+            while await stored_tasks(natrio_connection, "between"):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+    looking = natrio.Client(natrio_connection)
+    looking.js = interleaved = Interleaved(natrio_connection, run_the_replay)
+    second = await looking.replay(seq)
+    assert await stored_tasks(natrio_connection, "between") == {}
+    assert (second.duplicate, second.seq) == (True, first.seq)
+    assert runs == [b"in"]
+    assert interleaved.looks[0] == "tasks"
+
+
+async def test_forged_events_and_tasks_of_other_groups_are_no_replay(
+    natrio_client: natrio.Client, natrio_connection: natrio.Connection
+) -> None:
+    """Anyone allowed on natrio's subjects can store events and tasks: what is not
+    evidence of a newer task of the step in its group does not stop a replay."""
+    js = natrio_client.js
+    task_seq = await gone_task(js)
+    original = entry("forged", data=b"real", task_seq=task_seq)
+    seq = await publish(js, original)
+    # A task of the step in a group nobody serves, and events: one for a task the stream
+    # never had, one for that other group's task (still there, so its subject shows
+    # whose it is), and one that is not an event natrio writes.
+    plausible = await gone_task(js)
+    foreign = int((await js.publish("natrio.task.forged.nobody.run.forged", b"x"))["seq"])
+    await forge_event(js, "forged", "run", "completed", 999_999_999)
+    await forge_event(js, "forged", "run", "completed", foreign)
+    await js.publish(
+        "natrio.event.forged.run.forged.dead", b"{}", headers={"Natrio-Task-Seq": str(plausible)}
+    )
+    handle = await natrio_client.replay(seq)
+    assert not handle.duplicate
+    assert handle.seq is not None
+    assert handle.seq > foreign
+    assert await stored_tasks(natrio_connection, "forged") == {
+        "natrio.task.forged.nobody.run.forged": 1,
+        "natrio.task.forged.default.run.forged": 1,
+    }
+    assert await natrio_client.dead_letter(seq) is None
+
+
+async def test_an_entry_found_replayed_already_stays_with_its_input(
+    natrio_client: natrio.Client, natrio_connection: natrio.Connection
+) -> None:
+    """Evidence of a newer task that cannot be told from a forgery leaves everything as it
+    was: the entry and its stored input stay, and nothing is lost if it was forged."""
+    js = natrio_client.js
+    task_seq = await gone_task(js)
+    original = entry("kept", data=b"", task_seq=task_seq, input_ref=f"dlq-{task_seq}")
+    await ObjectStore(js, "natrio_dead_inputs").put(
+        f"dlq-{task_seq}", b"stored input", owner=dead_input_owner(original)
+    )
+    seq = await publish(js, original)
+    # An event of the step for a task that was in the stream and is gone: it could be a
+    # replay that ran, or a forgery.
+    newer = await gone_task(js)
+    await forge_event(js, "kept", "run", "completed", newer)
+    handle = await natrio_client.replay(seq)
+    assert (handle.duplicate, handle.seq) == (True, newer)
+    assert await natrio_client.dead_letter(seq) == attrs.evolve(original, seq=seq)
+    assert await natrio_client.dead_letter_input(original) == b"stored input"
+    assert await stored_tasks(natrio_connection, "kept") == {}
+
+
+async def test_a_message_with_the_replays_id_elsewhere_is_no_replay(
+    natrio_client: natrio.Client, natrio_connection: natrio.Connection
+) -> None:
+    js = natrio_client.js
+    seq = await publish(js, entry("squatted", task_seq=await gone_task(js)))
+    # The task stream drops a message with an id it has seen, whatever its subject.
+    await js.publish(
+        "natrio.task.squatted.nobody.run.squatted",
+        b"",
+        headers={"Nats-Msg-Id": f"replay:squatted:run:squatted:{seq}"},
+    )
+    with pytest.raises(natrio.NatrioError, match="its replay's id"):
+        await natrio_client.replay(seq)
+    assert await natrio_client.dead_letter(seq) is not None
 
 
 async def test_concurrent_replays_of_one_entry_make_one_task(
@@ -525,12 +742,27 @@ async def test_garbage_in_the_dead_letter_stream_is_skipped_with_a_warning(
         "natrio.dead.victim.default.kind.victim": json.dumps(
             json.loads(good.to_json()) | {"error": {"type": 1}, "attempts": True}
         ).encode(),
+        # On their own subjects, but with headers that could not be shown or published
+        # again, or another task's stored input (purging or replaying would delete it).
+        "natrio.dead.victim.default.names.victim": json.dumps(
+            json.loads(entry("victim", "names").to_json())
+            | {"headers": {"[/x]": "1", "bad name": "x"}}
+        ).encode(),
+        "natrio.dead.victim.default.lines.victim": json.dumps(
+            json.loads(entry("victim", "lines").to_json())
+            | {"headers": {"K": "a\r\nNatrio-Reply: _INBOX.x"}}
+        ).encode(),
+        "natrio.dead.victim.default.theirs.victim": json.dumps(
+            json.loads(entry("victim", "theirs").to_json()) | {"input": "", "input_ref": "dlq-1"}
+        ).encode(),
     }
     bad_seqs = [int((await js.publish(s, data))["seq"]) for s, data in garbage.items()]
     # Valid, but with headers no task may carry, and another whose stored input is missing.
-    odd = entry("victim", "odd", headers={"Good": "yes", "bad name": "x", "Natrio-Bogus": "1"})
+    odd = entry(
+        "victim", "odd", headers={"Good": "yes", "natrio-reply": "_INBOX.x", "Natrio-Bogus": "1"}
+    )
     odd_seq = await publish(js, odd)
-    lost = entry("victim", "lost", data=b"", input_ref="dlq-999999")
+    lost = entry("victim", "lost", data=b"", input_ref="dlq-10000")
     lost_seq = await publish(js, lost)
     good_seq = await publish(js, good)
 
@@ -541,7 +773,11 @@ async def test_garbage_in_the_dead_letter_stream_is_skipped_with_a_warning(
     assert [seq for seq, _ in reader.skipped] == bad_seqs
     warned = [r.getMessage() for r in caplog.records if "not a dead-letter entry" in r.getMessage()]
     assert len(warned) == len(bad_seqs)
-    assert "another subject" in dict(reader.skipped)[bad_seqs[5]]
+    reasons = dict(reader.skipped)
+    assert "another subject" in reasons[bad_seqs[5]]
+    assert "'[/x]' is not a token" in reasons[bad_seqs[9]]
+    assert "'K' is not a token with a one-line value" in reasons[bad_seqs[10]]
+    assert "not the name of this task's input" in reasons[bad_seqs[11]]
     assert len(await entries(natrio_client, "victim")) == 3
 
     # Nothing is done on the word of garbage, and it stays where it is.
@@ -570,13 +806,100 @@ async def test_garbage_in_the_dead_letter_stream_is_skipped_with_a_warning(
     with trio.fail_after(10):
         assert await handle.result() == b"done"
     assert headers[0]["Good"] == "yes"
-    assert "bad name" not in headers[0]
+    assert "natrio-reply" not in headers[0]
     assert "Natrio-Bogus" not in headers[0]
-    assert any("'bad name'" in r.getMessage() for r in caplog.records)
+    assert any("'Natrio-Bogus'" in r.getMessage() for r in caplog.records)
 
     # Purge takes the garbage too.
     assert await natrio_client.purge_dead_letters() == len(bad_seqs) + 2
     assert await dlq_messages(natrio_connection) == 0
+
+
+def description_subject(name: str) -> str:
+    return "$O.natrio_dead_inputs.M." + base64.urlsafe_b64encode(name.encode()).decode()
+
+
+async def describe(js: JetStream, name: str, description: bytes) -> None:
+    """Write the description of object ``name`` as anyone allowed on ``$O.>`` could."""
+    await js.publish(description_subject(name), description, headers={"Nats-Rollup": "sub"})
+
+
+async def test_damaged_stored_inputs_are_natrio_errors(
+    natrio_client: natrio.Client, natrio_connection: natrio.Connection
+) -> None:
+    js = natrio_client.js
+    store = ObjectStore(js, "natrio_dead_inputs")
+    theirs = entry("owner", data=b"", task_seq=1, input_ref="dlq-1")
+    secret = b"someone else's input"
+    await store.put("dlq-1", secret, owner=dead_input_owner(theirs))
+    stored = await js.last_message("OBJ_natrio_dead_inputs", description_subject("dlq-1"))
+    assert stored is not None
+    real = json.loads(stored.data)
+    assert real["metadata"] == {"natrio-owner": "natrio.dead.owner.default.run.owner"}
+    unowned = {key: value for key, value in real.items() if key != "metadata"}
+    damaged: list[dict[str, Any] | bytes] = [
+        b"{not json",
+        b"[1, 2]",
+        {"size": 3, "chunks": 1},  # no nuid
+        real | {"nuid": ">"},  # a wildcard: every chunk of the bucket
+        real | {"nuid": "*"},
+        real | {"size": "many"},
+        real | {"chunks": -1},
+        real | {"size": len(secret), "chunks": 0},
+        real | {"size": 2**40},
+        real | {"digest": "MD5=abc"},
+        real | {"metadata": ["x"]},
+        # Another object's chunks under a description of this name: its digest does not
+        # match, or its owner is another.
+        unowned | {"digest": "SHA-256=" + base64.urlsafe_b64encode(b"x" * 32).decode()},
+        real,
+        json.dumps(unowned).encode(),  # the description of dlq-1, under another name
+    ]
+    for number, description in enumerate(damaged, start=2):
+        name = f"dlq-{number}"
+        if isinstance(description, dict):
+            description = json.dumps(description | {"name": name}).encode()
+        await describe(js, name, description)
+        victim = entry("damaged", f"r{number}", data=b"", task_seq=number, input_ref=name)
+        with pytest.raises(natrio.NatrioError, match=name) as raised:
+            await natrio_client.dead_letter_input(victim)
+        assert secret.decode() not in str(raised.value)
+        # Nor is anything deleted on its word.
+        with pytest.raises(natrio.NatrioError, match=name):
+            await store.delete(name, owner=dead_input_owner(victim))
+    assert await store.get("dlq-1", owner=dead_input_owner(theirs)) == secret
+    # An entry naming another's input is none (DeadLetter.from_json), and one built by
+    # hand cannot read it.
+    with pytest.raises(natrio.NatrioError, match="its own name"):
+        await natrio_client.dead_letter_input(attrs.evolve(theirs, task_seq=7))
+
+
+async def test_a_forged_entry_cannot_take_another_entrys_input(
+    natrio_client: natrio.Client,
+    natrio_connection: natrio.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    js = natrio_client.js
+    task_seq = await gone_task(js)
+    name = f"dlq-{task_seq}"
+    real = entry("owner", data=b"", task_seq=task_seq, input_ref=name)
+    await ObjectStore(js, "natrio_dead_inputs").put(name, b"mine", owner=dead_input_owner(real))
+    real_seq = await publish(js, real)
+    # The same task sequence and input name, on another type's subject.
+    forged = entry("thief", data=b"", task_seq=task_seq, input_ref=name)
+    forged_seq = await publish(js, forged)
+    with pytest.raises(natrio.NatrioError, match="belongs to"):
+        await natrio_client.replay(forged_seq)
+    assert await stored_tasks(natrio_connection, "thief") == {}
+    with caplog.at_level(logging.WARNING, logger="natrio.dead_letters"):
+        assert await natrio_client.purge_dead_letters("thief") == 1
+    assert any("could not delete the stored input" in r.getMessage() for r in caplog.records)
+    assert await natrio_client.dead_letter_input(real) == b"mine"
+    handle = await natrio_client.replay(real_seq)
+    assert not handle.duplicate
+    assert await stored_tasks(natrio_connection, "owner") == {
+        "natrio.task.owner.default.run.owner": 1
+    }
 
 
 # -- permissions ----------------------------------------------------------------------------
@@ -592,6 +915,8 @@ OPERATOR_PUBLISH = (
     "$JS.API.CONSUMER.DELETE.NATRIO_DLQ.*",
     "$JS.API.DIRECT.GET.NATRIO_DLQ",
     "$JS.API.STREAM.MSG.GET.NATRIO_TASKS",
+    "$JS.API.STREAM.INFO.NATRIO_TASKS",
+    "$JS.API.DIRECT.GET.NATRIO_EVENTS",
     "$JS.API.STREAM.MSG.DELETE.NATRIO_DLQ",
     "$JS.API.STREAM.PURGE.NATRIO_DLQ",
     "$JS.API.DIRECT.GET.OBJ_natrio_dead_inputs",
@@ -838,3 +1163,61 @@ def test_dlq_replay_and_purge(natrio_server: natrio.EmbeddedServer) -> None:
     assert result.stdout.strip() == "1"
     assert json.loads(ok(invoke("dlq", "list", "--url", url, "--json")).stdout) == []
     assert "no dead letters" in ok(invoke("dlq", "list", "--url", url)).stderr
+
+
+HOSTILE_NAMES = ("[/x]", "[link=https://evil.example]click[/link]", "[bold]K", "K\x1b]8;;x\x07")
+
+
+def test_dlq_show_prints_header_names_as_they_are(
+    natrio_server: natrio.EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = natrio_server.url
+    # From the stream, an entry with such names is none (DeadLetter.from_json)...
+    [seq] = seed(url, [entry("cli-h", headers=dict.fromkeys(HOSTILE_NAMES, "v"))])
+    result = invoke("dlq", "show", str(seq), "--url", url)
+    assert result.exit_code == 1, result.exception
+    assert "not a dead-letter entry" in result.stderr
+    assert "skipped 1 message" in ok(invoke("dlq", "list", "--url", url)).stderr
+
+    # ... and one that has them anyway is shown as text: no markup is read in it.
+    hostile = entry("cli-h", headers={name: f"{name} value" for name in HOSTILE_NAMES})
+
+    async def dead_letter(self: natrio.Client, seq: int) -> natrio.DeadLetter:
+        return attrs.evolve(hostile, seq=seq)
+
+    monkeypatch.setattr(natrio.Client, "dead_letter", dead_letter)
+    text = ok(invoke("dlq", "show", str(seq), "--url", url)).stdout
+    for name in HOSTILE_NAMES[:3]:
+        assert f"header {name}" in text
+        assert f"{name} value" in text
+    assert "\x1b" not in text
+    assert "header K\\x1b]8;;x\\x07" in text
+
+
+def test_dlq_show_and_replay_all_get_past_a_damaged_stored_input(
+    natrio_server: natrio.EmbeddedServer,
+) -> None:
+    url = natrio_server.url
+    damaged = entry("cli-d", "r-bad", data=b"", task_seq=77, input_ref="dlq-77")
+    seqs = seed(url, [damaged, entry("cli-d", "r-good")])
+
+    async def main() -> None:
+        async with natrio.connect(url) as nc:
+            await describe(JetStream(nc), "dlq-77", b"{not json")
+
+    trio.run(main)
+    text = ok(invoke("dlq", "show", str(seqs[0]), "--url", url)).stdout
+    assert "unavailable (kept in the object store as dlq-77)" in text
+    assert "damaged description" in text
+    shown = json.loads(ok(invoke("dlq", "show", str(seqs[0]), "--url", url, "--json")).stdout)
+    assert shown["input_base64"] is None
+    assert "damaged description" in shown["input_error"]
+
+    result = invoke("dlq", "replay", "--all", "--type", "cli-d", "--url", url)
+    assert result.exit_code == 1, result.exception
+    assert result.stdout.split()[:2] == ["r-good", "cli-d"]
+    assert f"dead letter {seqs[0]} not replayed" in result.stderr
+    assert "replayed 1 of 2" in result.stderr
+    assert set(task_subjects(url)) == {"natrio.task.cli-d.default.r-good.cli-d"}
+    left = json.loads(ok(invoke("dlq", "list", "--url", url, "--json")).stdout)
+    assert [item["run_id"] for item in left] == ["r-bad"]

@@ -23,7 +23,6 @@ from natrio._dispatch.edge import (
     check_reply,
     read_task,
     reply_target,
-    valid_id,
 )
 from natrio._errors import MalformedTask
 from natrio._model import Task
@@ -34,6 +33,7 @@ from natrio._transport.protocol import (
     header_block,
     parse_headers,
 )
+from natrio._wire import valid_id
 
 ACK = "$JS.ACK.NATRIO_TASKS.t~default.1.5.5.1700000000000000000.0"
 # The v2 form: domain and account hash after $JS.ACK, a random token at the end.

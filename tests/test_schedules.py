@@ -607,6 +607,28 @@ async def test_a_delayed_task_runs_at_its_time(
     assert wire.H_MSG_ID not in task.headers  # the server drops it from the fired copy
 
 
+async def test_a_delayed_partitioned_task_goes_to_its_keys_partition_when_it_fires(
+    natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
+) -> None:
+    from natrio._routing.placement import partition_of
+
+    worker = natrio_worker_factory()
+    ran: list[int | None] = []
+
+    @worker.handle("ledger", partitions=4)
+    async def ledger(ctx: natrio.TaskContext) -> bytes:
+        ran.append(ctx.task.partition)
+        return b"booked"
+
+    await natrio_worker_factory.start(worker)
+    handle = await natrio_client.submit("ledger", b"", key="account-9", delay=0.5)
+    with trio.fail_after(10):
+        assert await handle.result() == b"booked"
+    # Stored on the plain subject, moved into the partition by the key it carries.
+    assert ran == [partition_of("account-9", 4)]
+    assert worker.statistics().dispatcher.forwarded == 1
+
+
 async def test_result_waits_across_the_delay_on_the_direct_reply(
     natrio_worker_factory: WorkerFactory, natrio_client: natrio.Client
 ) -> None:
@@ -885,6 +907,25 @@ async def test_a_schedule_survives_a_server_restart(
     assert [s.schedule_id for s in await natrio_client.schedules()] == ["durable"]
 
 
+async def test_a_delayed_task_overdue_after_a_server_restart_fires_at_once(
+    natrio_server: natrio.EmbeddedServer,
+    natrio_worker_factory: WorkerFactory,
+    natrio_client: natrio.Client,
+) -> None:
+    runs = await start_recording_worker(natrio_worker_factory)
+    due = time.time() + 1.0
+    await natrio_client.submit("job", b"x", run_id="overdue", delay=1.0)
+    await trio.to_thread.run_sync(natrio_server.kill)
+    # Down past the task's time: the scenario, not a wait for something to happen.
+    await trio.sleep(max(due - time.time(), 0) + 0.5)
+    await trio.to_thread.run_sync(natrio_server.start)
+    restarted = time.time()
+    with trio.fail_after(20):
+        ran, task = await runs.receive()
+    assert task.run_id == "overdue"
+    assert ran - restarted < 5.0  # at once, give or take the worker's reconnect
+
+
 # -- against a real server: safety, provisioning ------------------------------------------
 
 
@@ -966,3 +1007,13 @@ async def test_provision_enables_schedules_on_an_existing_task_stream(
         assert set(config["subjects"]) == {"natrio.task.>", "natrio.delayed.>", "natrio.schedule.>"}
         handle = await client.submit("job", delay=0)
         assert handle.seq is not None
+
+
+async def test_schedules_waiting_in_the_task_stream_are_not_counted_as_tasks(
+    natrio_client: natrio.Client,
+) -> None:
+    await natrio_client.submit("later", b"", delay=3600)
+    await natrio_client.schedule("later", b"", schedule_id="hourly", every=timedelta(hours=1))
+    await natrio_client.submit("now", b"")
+    overview = await natrio_client.overview()
+    assert (overview.stored_tasks, overview.unserved) == (1, 1)

@@ -17,13 +17,16 @@ from . import _wire as wire
 from ._codec import decode, encode
 from ._dead_letters import (
     DeadLetterReader,
+    check_duplicate,
     entry_at,
     newer_task,
     purge,
+    read_input,
     replay_headers,
     replay_placement,
     settle_replayed,
     warn_dropped,
+    warn_kept,
 )
 from ._errors import (
     ConfigurationError,
@@ -33,9 +36,8 @@ from ._errors import (
     TaskFailed,
 )
 from ._history import DEFAULT_LIMIT, RunHistory, read_history
-from ._jetstream import CONSUMER_NOT_FOUND, JetStream
+from ._jetstream import CONSUMER_NOT_FOUND, JetStream, server_header
 from ._model import DeadLetter, TaskError
-from ._objects import ObjectStore
 from ._overview import Overview, read_overview
 from ._retry import RetryPolicy
 from ._routing.partitions import stored_partitions
@@ -403,6 +405,12 @@ class Client:
         if start is None:
             ack = await self.js.publish(subject, payload, headers=message_headers)
         else:
+            if placement is not None and placement[0] == "p":
+                # Fired into the plain subject, the workers move it into its key's
+                # partition then: the partition count may change while it waits.
+                subject = wire.task_subject(task_type, group, run_id, step_id)
+                if key is not None:
+                    message_headers[wire.H_KEY] = _key_header(key)
             # A one-shot schedule of its own (one on the same subject would replace it),
             # keeping the task's Nats-Msg-Id: submits dedupe as for any task.
             message_headers.update(schedules.delayed_headers(start, subject))
@@ -667,7 +675,7 @@ class Client:
                 msg = await self.js.last_message(wire.TASK_STREAM, subject)
                 if msg is not None:
                     messages.append(msg)
-        found = {msg.header("Nats-Subject") or "": msg for msg in messages}
+        found = {server_header(msg, "Nats-Subject"): msg for msg in messages}
         return {k: v for k, v in found.items() if schedules.valid_schedule_subject(k)}
 
     async def _purge(self, subjects: str) -> bool:
@@ -692,11 +700,10 @@ class Client:
                 continue
             # An outcome of an earlier task of the same step (submitted again after the
             # duplicate window) is not this task's: agent-loop iterations only come later.
-            task_seq = _count(msg.header(wire.H_TASK_SEQ))
+            task_seq = wire.decimal(msg.header(wire.H_TASK_SEQ))
             if task_seq is None or (handle.seq is not None and task_seq < handle.seq):
                 continue  # anyone may publish an event: one without a readable seq is not it
-            # The server's own value comes last where a publisher set the header too.
-            stream_seq = _count((msg.header("Nats-Sequence") or "").rpartition(", ")[2])
+            stream_seq = wire.decimal(server_header(msg, "Nats-Sequence"))
             found.append((stream_seq or 0, msg))
         return max(found, key=lambda item: item[0])[1] if found else None
 
@@ -745,17 +752,11 @@ class Client:
         """The original input of a dead-lettered task, wherever the entry keeps it.
 
         Inline for most entries; for an input too large to sit beside its entry, read
-        from the ``natrio_dead_inputs`` object store (``entry.input_ref``). Raises
-        NatrioError when the stored object is gone (it expired with its stream).
+        from the ``natrio_dead_inputs`` object store (``entry.input_ref``, which must be
+        ``dlq-<task_seq>``). Raises NatrioError when the stored object is gone (it expired
+        with its stream), damaged, or another entry's.
         """
-        if entry.input_ref is None:
-            return entry.input
-        data = await ObjectStore(self.js, wire.DEAD_INPUTS_BUCKET).get(entry.input_ref)
-        if data is None:
-            raise NatrioError(
-                f"the input of dead letter {entry.task_seq} ({entry.input_ref}) is gone"
-            )
-        return data
+        return await read_input(self.js, entry)
 
     async def replay(
         self,
@@ -778,9 +779,12 @@ class Client:
         The replay's message id is made from the entry, and a step with a task newer
         than the one that died (in the task stream, or with events) is not submitted
         again: replaying one entry twice, or after a crash between the store and the
-        removal, makes one task (the handle of the second has ``duplicate`` set). An
-        entry that cannot be removed afterwards is logged and stays. Raises NatrioError
-        when the entry is gone (replayed, purged or expired) or is not a valid entry.
+        removal, makes one task (the handle of the second has ``duplicate`` set, and
+        follows that task). The entry is removed only by a replay that stored its task
+        (or that the task stream took for a duplicate of a stored one); one replayed
+        already stays, as does one that cannot be removed (both are logged). Raises
+        NatrioError when the entry is gone (replayed, purged or expired) or is not a
+        valid entry.
         """
         seq = _dead_seq(dead_letter.seq if isinstance(dead_letter, DeadLetter) else dead_letter)
         when = _deadline(deadline)
@@ -800,18 +804,13 @@ class Client:
             raise NatrioError(f"dead letter {seq} in {wire.DEAD_STREAM} is another step's")
         headers, dropped = replay_headers(entry)
         warn_dropped(entry, dropped)
+        slot: Reply | None = None
         newer = await newer_task(self.js, entry)
         if newer is not None:
-            # Replayed already (or submitted again): that task is this entry's replay.
-            handle = TaskHandle(
-                self,
-                entry.task_type,
-                entry.run_id,
-                entry.step_id,
-                group=entry.group,
-                seq=newer,
-                duplicate=True,
-            )
+            # Replayed already (or submitted again): that task is this entry's replay. The
+            # entry stays: anyone may publish tasks and events, and this call stored nothing.
+            task_seq, duplicate = newer, True
+            warn_kept(entry, newer)
         else:
             if payload is None:
                 payload = await self.dead_letter_input(entry)
@@ -833,22 +832,25 @@ class Client:
                 payload,
                 headers=headers,
             )
+            task_seq, duplicate = int(ack["seq"]), bool(ack.get("duplicate"))
+            if duplicate:
+                # Stored already under the replay's id (a replay at the same moment).
+                await check_duplicate(self.js, entry, task_seq)
             if placement is not None and placement[0] in "ts":
                 await self._ensure_claim_consumer(entry.task_type, entry.group, placement)
-            duplicate = bool(ack.get("duplicate"))
-            handle = TaskHandle(
-                self,
-                entry.task_type,
-                entry.run_id,
-                entry.step_id,
-                group=entry.group,
-                seq=int(ack["seq"]),
-                duplicate=duplicate,
-                slot=None if duplicate else slot,
-            )
-        # Only now, with the replay stored: a failure before leaves the entry where it was.
-        await settle_replayed(self.js, entry, handle.seq)
-        return handle
+            # Only now, with the replay stored: a failure before leaves the entry as it was.
+            await settle_replayed(self.js, entry, task_seq)
+        return TaskHandle(
+            self,
+            entry.task_type,
+            entry.run_id,
+            entry.step_id,
+            group=entry.group,
+            seq=task_seq,
+            duplicate=duplicate,
+            # A duplicate runs nothing new, so no reply will come: read the events instead.
+            slot=None if duplicate else slot,
+        )
 
     async def purge_dead_letters(
         self, task_type: str | None = None, group: str | None = None
@@ -881,8 +883,10 @@ def _identity(entry: DeadLetter) -> tuple[str, str, str, str, int]:
     return (entry.task_type, entry.group, entry.run_id, entry.step_id, entry.task_seq)
 
 
-def _count(text: str | None) -> int | None:
-    """A header's non-negative decimal number, or None for anything else."""
-    if not text or len(text) > 20 or not (text.isascii() and text.isdigit()):
-        return None
-    return int(text)
+def _key_header(key: str) -> str:
+    # What the wire edge accepts as a Natrio-Key (dispatch.edge.MAX_KEY characters).
+    if len(key) > 1024 or "\r" in key or "\n" in key:
+        raise ConfigurationError(
+            "a delayed task's key travels in a header: at most 1024 characters, one line"
+        )
+    return key

@@ -14,19 +14,26 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import secrets
 from collections import deque
 from contextlib import suppress
+from typing import Any
 
 import trio
 
 from . import _wire as wire
-from ._dispatch.edge import MAX_KEY, MAX_RETRY_HEADER
+from ._dispatch.edge import (
+    MAX_KEY,
+    MAX_RETRY_HEADER,
+    ack_position,
+    split_task_subject,
+    valid_iteration,
+)
 from ._errors import ConfigurationError, JetStreamError, NatrioError, RequestTimeout
+from ._history import DEFAULT_LIMIT, read_history
 from ._jetstream import API, MESSAGE_NOT_FOUND, JetStream
 from ._model import DeadLetter
-from ._objects import ObjectStore
+from ._objects import ObjectStore, dead_input_owner
 from ._retry import RetryPolicy
 from ._routing.placement import partition_of
 from ._transport import Message
@@ -40,11 +47,8 @@ MESSAGE_DELETE_FAILED = 10043
 _RENEWED = frozenset({wire.H_REPLY, wire.H_SUBMITTED, wire.H_DEADLINE})
 #: The header a dead-letter entry has in place of headers it could not keep.
 H_HEADERS_CUT = "Natrio-Headers-Cut"
-# A Natrio-Iteration the wire edge accepts (_dispatch.edge).
-_ITERATION = re.compile(r"[1-9][0-9]{0,8}")
-# A placed task's group token: the group, ``~``, and ``p<k>``, ``t<claim>`` or ``s<claim>``.
-_PLACED = re.compile(r"([A-Za-z0-9_-]{1,64})~([pts])([A-Za-z0-9_-]{1,64})")
-_DIGITS = re.compile(r"[0-9]{1,20}")
+#: The most events of a step :func:`newer_task` reads; with more, it cannot tell.
+MAX_STEP_EVENTS = DEFAULT_LIMIT
 
 
 def read_entry(subject: str, data: bytes, seq: int) -> DeadLetter:
@@ -61,24 +65,15 @@ def read_entry(subject: str, data: bytes, seq: int) -> DeadLetter:
     return entry
 
 
-def _position(reply: str) -> tuple[int, int] | None:
-    """(stream sequence, messages pending after it) from a consumer delivery's ack subject.
-
-    v1: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``;
-    v2 adds domain and account hash after ``$JS.ACK`` and a random token at the end.
-    """
+def _position(reply: str) -> tuple[int, int | None] | None:
+    """(stream sequence, messages pending after it, None if unreadable) from a consumer
+    delivery's ack subject, or None if it is not one (:func:`ack_position`)."""
+    position = ack_position(reply)
+    if position is None:
+        return None
     parts = reply.split(".")
-    if parts[:2] != ["$JS", "ACK"]:
-        return None
-    if len(parts) == 9:
-        seq, pending = parts[5], parts[8]
-    elif len(parts) >= 12:
-        seq, pending = parts[7], parts[10]
-    else:
-        return None
-    if not (_DIGITS.fullmatch(seq) and _DIGITS.fullmatch(pending)):
-        return None
-    return int(seq), int(pending)
+    # The token after the consumer sequence and the timestamp (v1 has 9 tokens).
+    return position[1], wire.decimal(parts[8] if len(parts) == 9 else parts[10])
 
 
 async def read_page(
@@ -129,7 +124,7 @@ async def read_page(
                     if position is not None:
                         seq, pending = position
                         found.append((seq, msg))
-                        if not pending:
+                        if pending == 0:
                             return found, False
                         continue
                     status = msg.status
@@ -251,18 +246,44 @@ async def remove_entry(js: JetStream, seq: int) -> bool:
     return True
 
 
+def input_name(entry: DeadLetter) -> str:
+    """The name of ``entry``'s input in ``natrio_dead_inputs``; NatrioError when its
+    ``input_ref`` is not the name a worker gives its task's input (``dlq-<task_seq>``):
+    reading or deleting that would take another entry's."""
+    ref = entry.input_ref
+    if ref is None or not wire.valid_dead_input_ref(ref, entry.task_seq):
+        raise NatrioError(
+            f"dead letter {entry.seq} does not keep its input under its own name "
+            f"({wire.dead_input_name(entry.task_seq)}) but {str(ref)[:100]!r}"
+        )
+    return ref
+
+
+async def read_input(js: JetStream, entry: DeadLetter) -> bytes:
+    """The input of ``entry``, inline or stored; NatrioError when the stored one is gone,
+    damaged or another entry's."""
+    if entry.input_ref is None:
+        return entry.input
+    name = input_name(entry)
+    data = await ObjectStore(js, wire.DEAD_INPUTS_BUCKET).get(name, owner=dead_input_owner(entry))
+    if data is None:
+        raise NatrioError(f"the input of dead letter {entry.task_seq} ({name}) is gone")
+    return data
+
+
 async def delete_input(js: JetStream, entry: DeadLetter) -> None:
     """Delete the stored input of a removed entry, if it has one (best effort: it expires
-    with the dead letters anyway)."""
+    with the dead letters anyway; one that is another entry's is left alone)."""
     if entry.input_ref is None:
         return
     try:
-        await ObjectStore(js, wire.DEAD_INPUTS_BUCKET).delete(entry.input_ref)
+        name = input_name(entry)
+        await ObjectStore(js, wire.DEAD_INPUTS_BUCKET).delete(name, owner=dead_input_owner(entry))
     except NatrioError as exc:
         log.warning(
             "could not delete the stored input %r of dead letter %d (it expires with the "
             "dead letters): %s",
-            entry.input_ref,
+            entry.input_ref[:100],
             entry.seq,
             exc,
         )
@@ -322,7 +343,7 @@ def replay_headers(entry: DeadLetter) -> tuple[dict[str, str], list[str]]:
             except (ConfigurationError, RecursionError):
                 dropped.append(name)
         elif name == wire.H_ITERATION:
-            if _ITERATION.fullmatch(value):
+            if valid_iteration(value):
                 kept[name] = value
             else:
                 dropped.append(name)
@@ -342,22 +363,32 @@ def original_placement(entry: DeadLetter) -> str | None:
     """The placement of the task message that died (``p<k>``, ``t<claim>``, ``s<claim>``),
     read from the entry's subject, or None when it had none (or the subject is not the
     entry's task's)."""
-    parts = entry.subject.split(".")
-    if (
-        len(parts) != 6
-        or parts[:2] != [wire.PREFIX, "task"]
-        or (parts[2], parts[4], parts[5]) != (entry.task_type, entry.run_id, entry.step_id)
-    ):
+    if not _of_step(entry, entry.subject):
         return None
-    match = _PLACED.fullmatch(parts[3])
-    if match is None or match[1] != entry.group:
+    _, _, placement = entry.subject.split(".")[3].partition("~")
+    if not placement:
         return None
-    kind, rest = match[2], match[3]
-    if kind == "p":
+    if placement[0] == "p":
+        rest = placement[1:]
         if not rest.isdigit() or str(int(rest)) != rest or int(rest) >= wire.MAX_PARTITIONS:
             return None
         return wire.partition_placement(int(rest))
-    return kind + rest  # a claim: the pattern is check_claim's rule
+    return placement  # a claim: the edge's pattern is check_claim's rule
+
+
+def _of_step(entry: DeadLetter, subject: str) -> bool:
+    """Whether ``subject`` is a task subject of ``entry``'s step: its task type, run and
+    step, in its group, plain or placed (a partition or a claim), as the edge takes them."""
+    parts = split_task_subject(subject)
+    if parts is None:
+        return False
+    task_type, token, run_id, step_id = parts
+    return (task_type, token.partition("~")[0], run_id, step_id) == (
+        entry.task_type,
+        entry.group,
+        entry.run_id,
+        entry.step_id,
+    )
 
 
 def replay_placement(
@@ -385,28 +416,101 @@ async def newer_task(js: JetStream, entry: DeadLetter) -> int | None:
     such a task, and so is the step submitted again: either way, replaying the entry
     once more would run the step twice. Within the duplicate window the replay's message
     id already prevents that; this look covers the time after it.
+
+    Anyone allowed to publish on natrio's subjects can store tasks and events, so what
+    counts is checked (:func:`_of_step`, :func:`_newer_with_events`): a task in the
+    entry's group (plain or placed), an event natrio could have written, for a task the
+    task stream has had. The task stream is looked at first: a task leaves it only once
+    its outcome's event is stored, so one that finishes between the two looks is seen
+    in the second.
     """
     if not entry.task_seq:
         return None  # nothing to compare with
-    event = await js.last_message(
-        wire.EVENT_STREAM, wire.event_subject(entry.task_type, entry.run_id, entry.step_id, "*")
-    )
-    if event is not None:
-        text = event.header(wire.H_TASK_SEQ) or ""
-        if _DIGITS.fullmatch(text) and int(text) > entry.task_seq:
-            return int(text)
-    # Any group token: the task may have been placed in a partition or for a claim.
-    tasks = f"{wire.PREFIX}.task.{entry.task_type}.*.{entry.run_id}.{entry.step_id}"
+    waiting = await _newest_waiting(js, entry)
+    if waiting is not None:
+        return waiting
+    return await _newer_with_events(js, entry)
+
+
+async def _task_message(js: JetStream, request: dict[str, Any]) -> tuple[int, str] | None:
+    """(sequence, subject) of the task-stream message a ``STREAM.MSG.GET`` request names,
+    or None when there is none."""
     try:
-        reply = await js.api(f"STREAM.MSG.GET.{wire.TASK_STREAM}", {"last_by_subj": tasks})
+        reply = await js.api(f"STREAM.MSG.GET.{wire.TASK_STREAM}", request)
     except JetStreamError as exc:
         if exc.err_code != MESSAGE_NOT_FOUND:
             raise
         return None
-    seq = (reply.get("message") or {}).get("seq")
-    if isinstance(seq, int) and seq > entry.task_seq:
-        return seq
+    message = reply.get("message") or {}
+    seq, subject = message.get("seq"), message.get("subject")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(subject, str):
+        raise NatrioError(f"{wire.TASK_STREAM} answered a message get without its message")
+    return seq, subject
+
+
+async def _newest_waiting(js: JetStream, entry: DeadLetter) -> int | None:
+    """The newest task of ``entry``'s step in the task stream, if newer than the one that
+    died: on the step's subject in its group, or in one of the group's placements."""
+    pattern = f"{wire.PREFIX}.task.{entry.task_type}.*.{entry.run_id}.{entry.step_id}"
+    # The newest of any group token, in one look (a task moved into a partition is stored
+    # there before it leaves the plain subject).
+    newest = await _task_message(js, {"last_by_subj": pattern})
+    if newest is None:
+        return None
+    seq, subject = newest
+    if not _of_step(entry, subject):
+        # Another group's (anyone may publish one) is newest: the group's own, one by one.
+        seq = 0
+        for subject in await js.subjects(wire.TASK_STREAM, pattern):
+            if _of_step(entry, subject):
+                found = await _task_message(js, {"last_by_subj": subject})
+                seq = max(seq, found[0] if found is not None else 0)
+    return seq if seq > entry.task_seq else None
+
+
+async def _newer_with_events(js: JetStream, entry: DeadLetter) -> int | None:
+    """The newest task of ``entry``'s step with events, if newer than the one that died.
+
+    Every event of the step is read (the last one could be anyone's); those that count
+    are natrio's as :func:`natrio._history.decode_event` reads them, of the entry's task
+    type, for a task sequence the task stream has given out, whose task, while it is
+    still there, is on the step's subject in its group.
+    """
+    history = await read_history(js, entry.run_id, entry.step_id, limit=MAX_STEP_EVENTS)
+    if history.truncated:
+        raise NatrioError(
+            f"{entry.run_id}/{entry.step_id} has more than {MAX_STEP_EVENTS} events: cannot "
+            "tell whether it was replayed already"
+        )
+    seqs = {
+        event.task_seq
+        for event in history.events
+        if event.task_type == entry.task_type and event.task_seq > entry.task_seq
+    }
+    if not seqs:
+        return None
+    info = await js.stream_info(wire.TASK_STREAM)
+    last = (info.get("state") or {}).get("last_seq")
+    last = last if isinstance(last, int) and not isinstance(last, bool) else 0
+    for seq in sorted(seqs, reverse=True):
+        if seq > last:
+            continue  # never a task of this stream
+        task = await _task_message(js, {"seq": seq})
+        if task is None or _of_step(entry, task[1]):
+            return seq  # done and gone, or still there and the step's
     return None
+
+
+async def check_duplicate(js: JetStream, entry: DeadLetter, task_seq: int) -> None:
+    """Raise NatrioError unless task ``task_seq``, which the task stream named when it took
+    ``entry``'s replay for a duplicate, can be its replay: a message with the replay's id
+    is dropped on any subject, and anyone may publish one in another group."""
+    task = await _task_message(js, {"seq": task_seq})
+    if task is not None and not _of_step(entry, task[1]):
+        raise NatrioError(
+            f"dead letter {entry.seq} is not replayed: the task stream holds a message with "
+            f"its replay's id on {task[1][:200]!r}, not a subject of its step"
+        )
 
 
 def warn_dropped(entry: DeadLetter, dropped: list[str]) -> None:
@@ -419,18 +523,28 @@ def warn_dropped(entry: DeadLetter, dropped: list[str]) -> None:
         )
 
 
-async def settle_replayed(js: JetStream, entry: DeadLetter, task_seq: int | None) -> None:
+def warn_kept(entry: DeadLetter, task_seq: int) -> None:
+    """Say why ``entry`` stays although its step has a newer task."""
+    log.warning(
+        "dead letter %d is not replayed: its step has a newer task (%d; replayed already, "
+        "or submitted again), and the entry stays (purge it once that task is done)",
+        entry.seq,
+        task_seq,
+    )
+
+
+async def settle_replayed(js: JetStream, entry: DeadLetter, task_seq: int) -> None:
     """Remove ``entry`` once its replay (task ``task_seq``) is stored, and its stored input.
 
     A failure is logged, not raised: the replay is stored and will run, and replaying
-    the entry again removes it without a second task (:func:`newer_task`).
+    the entry again makes no second task (:func:`newer_task`).
     """
     try:
         removed = await remove_entry(js, entry.seq)
     except NatrioError as exc:
         log.warning(
-            "dead letter %d is replayed (task %s) but its entry could not be removed: %s; "
-            "replaying it again removes it and makes no second task",
+            "dead letter %d is replayed (task %d) but its entry could not be removed: %s; "
+            "replaying it again makes no second task",
             entry.seq,
             task_seq,
             exc,

@@ -23,7 +23,7 @@ import attrs
 
 from . import _wire as wire
 from ._errors import NatrioError
-from ._jetstream import JetStream
+from ._jetstream import JetStream, server_header
 from ._model import MAX_ERROR_MESSAGE, MAX_TRACEBACK, TaskError, truncate
 from ._transport import Message
 
@@ -40,9 +40,6 @@ KINDS = (
 #: The most events :func:`read_history` reads unless told otherwise.
 DEFAULT_LIMIT = 10_000
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
-_NUMBER = re.compile(r"[0-9]{1,19}")
 _STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z")
 _MAX_WORKER = 512
 
@@ -152,10 +149,6 @@ def stream_time(text: str | None) -> datetime | None:
     return when
 
 
-def _number(text: str | None) -> int | None:
-    return int(text) if text is not None and _NUMBER.fullmatch(text) else None
-
-
 def _seconds(value: object) -> float | None:
     # JSON numbers only (bool is an int in Python), finite and not negative.
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -177,7 +170,7 @@ def _error(data: object) -> TaskError | None:
         and isinstance(message, str)
         and isinstance(trace, str)
         and isinstance(kind, str)
-        and _NAME.fullmatch(kind)
+        and wire.valid_name(kind)
         and isinstance(attempts, int)
         and not isinstance(attempts, bool)
         and attempts >= 0
@@ -202,7 +195,7 @@ def _json(data: bytes) -> Any:
 def decode_event(msg: Message, run_id: str, step_id: str | None = None) -> RunEvent | None:
     """The event ``msg`` (a message read from the events stream with its ``Nats-*``
     headers) of run ``run_id`` (and step ``step_id``), or None when it is not a valid one."""
-    seq = _number(msg.header("Nats-Sequence"))
+    seq = wire.decimal(msg.header("Nats-Sequence"))
     when = stream_time(msg.header("Nats-Time-Stamp"))
     subject = msg.header("Nats-Subject") or ""
     parts = subject.split(".")
@@ -212,17 +205,17 @@ def decode_event(msg: Message, run_id: str, step_id: str | None = None) -> RunEv
     if (
         prefix != wire.PREFIX
         or family != "event"
-        or not _NAME.fullmatch(task_type)
+        or not wire.valid_name(task_type)
         or run != run_id
-        or not _ID.fullmatch(step)
+        or not wire.valid_id(step)
         or (step_id is not None and step != step_id)
         or kind not in KINDS
     ):
         return None
-    task_seq = _number(msg.header(wire.H_TASK_SEQ))
-    attempt = _number(msg.header(wire.H_ATTEMPT))
+    task_seq = wire.decimal(msg.header(wire.H_TASK_SEQ))
+    attempt = wire.decimal(msg.header(wire.H_ATTEMPT))
     raw_iteration = msg.header(wire.H_ITERATION)
-    iteration = 1 if raw_iteration is None else _number(raw_iteration)
+    iteration = 1 if raw_iteration is None else wire.decimal(raw_iteration)
     worker = msg.header(wire.H_WORKER) or ""
     if (
         task_seq is None
@@ -295,8 +288,8 @@ async def read_history(
         if not page:
             break
         for msg in page:
-            # The server's sequence comes last, after any the publisher set: page on it.
-            seq = _number((msg.header("Nats-Sequence") or "").rpartition(", ")[2])
+            # The server's sequence, after any the publisher set: page on it.
+            seq = wire.decimal(server_header(msg, "Nats-Sequence"))
             if seq is None or seq <= after:
                 raise NatrioError(f"the events stream answered out of order (after {after})")
             after = seq

@@ -15,6 +15,7 @@ import trio
 
 from ._errors import JetStreamError, NatrioError, NoResponders, RequestTimeout
 from ._transport import Connection, Message, Subscription
+from ._wire import decimal
 
 API = "$JS.API"
 
@@ -33,6 +34,36 @@ WATCH_HEARTBEAT = 5.0
 WATCH_MISSED_HEARTBEATS = 3
 
 _NS = 1_000_000_000
+
+
+def server_header(msg: Message, name: str) -> str:
+    """The value the server gave header ``name`` of a message it stored (``Nats-Subject``,
+    ``Nats-Sequence``, ...), or ``""`` when there is none.
+
+    The server adds its own after any the publisher set: a publisher's copy of one comes
+    first, joined to the server's with ``", "`` (as ``parse_headers`` joins a repeated
+    header), so the server's is what follows the last ``", "``.
+    """
+    return (msg.header(name) or "").rpartition(", ")[2]
+
+
+def short_lived_consumer(
+    name: str, filter_subject: str, *, inactive: float = 10.0, **options: Any
+) -> dict[str, Any]:
+    """The config of a consumer natrio makes for a look or a watch and deletes after it:
+    named ``name``, on ``filter_subject``, without acks, in server memory on one replica,
+    and gone by itself ``inactive`` seconds after its last use, should the delete be lost.
+    ``options`` add to it: where it starts (``deliver_policy`` with ``opt_start_seq`` or
+    ``opt_start_time``), a ``deliver_subject`` for a push consumer, and so on."""
+    return {
+        "name": name,
+        "filter_subject": filter_subject,
+        **options,
+        "ack_policy": "none",
+        "mem_storage": True,
+        "num_replicas": 1,
+        "inactive_threshold": int(inactive * _NS),
+    }
 
 
 class JetStream:
@@ -132,6 +163,15 @@ class JetStream:
         body = {"subjects_filter": subjects_filter} if subjects_filter else None
         return await self.api(f"STREAM.INFO.{name}", body)
 
+    async def subject_count(self, stream: str, subjects_filter: str) -> int:
+        """How many subjects of ``stream`` match the filter, without listing them (the
+        server's paging total, asked for past the last page)."""
+        info = await self.api(
+            f"STREAM.INFO.{stream}", {"subjects_filter": subjects_filter, "offset": 2**31}
+        )
+        total = info.get("total")
+        return total if isinstance(total, int) and not isinstance(total, bool) else 0
+
     async def subjects(self, stream: str, subjects_filter: str) -> dict[str, int]:
         """Every subject in ``stream`` matching the filter, with its message count.
 
@@ -212,30 +252,12 @@ class JetStream:
         server cannot answer it so (an older server, more than ``limit`` subjects, or
         no answer in time, as when permissions refuse the request): then read them one
         by one."""
-        inbox = await self.conn.subscribe(self.conn.new_inbox())
-        try:
-            body = {"multi_last": [subjects_filter], "batch": limit}
-            self.conn.publish_nowait(
-                f"{API}.DIRECT.GET.{stream}", json.dumps(body).encode(), reply=inbox.subject
-            )
-            found: list[Message] = []
-            with trio.move_on_after(self.timeout):
-                while True:
-                    msg = await inbox.receive()
-                    # A stored message may carry a Status header of its publisher's; the
-                    # server's own status replies are the ones without a sequence.
-                    status = None if msg.header("Nats-Sequence") else msg.status
-                    if status is None:
-                        found.append(msg)
-                        if len(found) > limit:
-                            return None
-                    elif status == "204":  # the end of the batch
-                        pending = msg.header("Nats-Num-Pending")
-                        return found if pending in (None, "0") else None
-                    elif status == "404":
-                        return []  # no subject matches
-                    else:
-                        return None  # 400, 408, 413: not answered this way
+        answer = await self._batched_get(
+            stream,
+            {"multi_last": [subjects_filter], "batch": limit},
+            lambda found: len(found) > limit,
+        )
+        if answer is None:
             log.warning(
                 "no answer to a batched get on %s within %g s (does the connection lack the "
                 "permission to publish %s.DIRECT.GET.%s?); reading one subject at a time",
@@ -245,9 +267,15 @@ class JetStream:
                 stream,
             )
             return None
-        finally:
-            with trio.CancelScope(shield=True):
-                await inbox.unsubscribe()
+        found, end = answer
+        if end is None:
+            return None  # more than limit
+        status = end.status
+        if status == "204":  # the end of the batch
+            return found if end.header("Nats-Num-Pending") in (None, "0") else None
+        if status == "404":
+            return []  # no subject matches
+        return None  # 400, 408, 413: not answered this way
 
     async def next_message(
         self, stream: str, subject: str, *, after: int
@@ -259,7 +287,12 @@ class JetStream:
                 json.dumps({"seq": after + 1, "next_by_subj": subject}).encode(),
             )
         )
-        return None if msg is None else (int(msg.header("Nats-Sequence") or 0), msg.data)
+        if msg is None:
+            return None
+        seq = decimal(server_header(msg, "Nats-Sequence"))
+        if seq is None:
+            raise NatrioError(f"a direct get on {stream} answered without a sequence")
+        return seq, msg.data
 
     async def messages(
         self,
@@ -280,10 +313,46 @@ class JetStream:
         server's ``Nats-Subject``, ``Nats-Sequence`` and ``Nats-Time-Stamp`` headers after
         any its publisher set (joined with ``", "`` when the publisher set one too).
         """
+        answer = await self._batched_get(
+            stream,
+            {
+                "seq": after + 1,
+                "next_by_subj": subjects_filter,
+                "batch": batch,
+                "max_bytes": max_bytes,
+            },
+            # A message without Nats-Num-Pending: a server that ignored the batch.
+            lambda found: found[-1].header("Nats-Num-Pending") is None,
+        )
+        if answer is None:
+            raise RequestTimeout(f"no answer to a direct get on {stream} in {self.timeout:g} s")
+        found, end = answer
+        if end is None:
+            return found, True  # not a batched answer
+        status = end.status
+        if status == "204":  # the end of the batch
+            return found, end.header("Nats-Num-Pending") not in (None, "0")
+        if status == "404":
+            return found, False  # nothing (more) matches
+        raise JetStreamError(
+            int(status) if status and status.isdigit() else 0,
+            0,
+            end.header("Description", "") or "direct get failed",
+        )
+
+    async def _batched_get(
+        self, stream: str, body: Mapping[str, Any], stop: Callable[[list[Message]], bool]
+    ) -> tuple[list[Message], Message | None] | None:
+        """Send one batched direct get and collect its answer: the stored messages, oldest
+        first, and the status reply that ended the batch, or None in its place when
+        ``stop(found)``, asked after each message, ended it first. None when no answer
+        ended it within the timeout.
+
+        A stored message always carries the server's ``Nats-Sequence`` and a status reply
+        never does: a publisher's own ``Status`` header cannot pass for the end of the batch.
+        """
         inbox = await self.conn.subscribe(self.conn.new_inbox())
         try:
-            body = {"seq": after + 1, "next_by_subj": subjects_filter, "batch": batch}
-            body["max_bytes"] = max_bytes
             self.conn.publish_nowait(
                 f"{API}.DIRECT.GET.{stream}", json.dumps(body).encode(), reply=inbox.subject
             )
@@ -291,25 +360,12 @@ class JetStream:
             with trio.move_on_after(self.timeout):
                 while True:
                     msg = await inbox.receive()
-                    # A stored message always carries the server's Nats-Sequence and a
-                    # status reply never does: a publisher's own Status header cannot pass
-                    # for the end of the batch.
-                    if msg.header("Nats-Sequence") is not None:
-                        found.append(msg)
-                        if msg.header("Nats-Num-Pending") is None:
-                            return found, True  # not a batched answer
-                        continue
-                    status = msg.status
-                    if status == "204":  # the end of the batch
-                        return found, msg.header("Nats-Num-Pending") not in (None, "0")
-                    if status == "404":
-                        return found, False  # nothing (more) matches
-                    raise JetStreamError(
-                        int(status) if status and status.isdigit() else 0,
-                        0,
-                        msg.header("Description", "") or "direct get failed",
-                    )
-            raise RequestTimeout(f"no answer to a direct get on {stream} in {self.timeout:g} s")
+                    if msg.header("Nats-Sequence") is None:
+                        return found, msg
+                    found.append(msg)
+                    if stop(found):
+                        return found, None
+            return None
         finally:
             with trio.CancelScope(shield=True):
                 await inbox.unsubscribe()
@@ -410,10 +466,7 @@ class KeyValue:
             return {
                 subject[len(prefix) :]: msg.data
                 for msg in batch
-                # A publisher's own Nats-Subject comes first, joined with the server's.
-                if (subject := (msg.header("Nats-Subject") or "").rpartition(", ")[2]).startswith(
-                    prefix
-                )
+                if (subject := server_header(msg, "Nats-Subject")).startswith(prefix)
                 and msg.header("KV-Operation") not in ("DEL", "PURGE")
             }
         out: dict[str, bytes] = {}
@@ -517,18 +570,15 @@ class KeyWatch:
 
         self._inbox = await conn.subscribe(conn.new_inbox(), on_message=on_message)
         self._name = name = f"watch_{secrets.token_hex(8)}"
-        config = {
-            "name": name,
-            "deliver_subject": self._inbox.subject,
-            "deliver_policy": "last_per_subject",
-            "filter_subject": self.subject,
-            "ack_policy": "none",
-            "mem_storage": True,
-            "num_replicas": 1,
-            "idle_heartbeat": int(self.heartbeat * _NS),
+        config = short_lived_consumer(
+            name,
+            self.subject,
+            deliver_subject=self._inbox.subject,
+            deliver_policy="last_per_subject",
+            idle_heartbeat=int(self.heartbeat * _NS),
             # Gone by itself soon after the watcher is (a crash leaves nothing behind).
-            "inactive_threshold": 30 * _NS,
-        }
+            inactive=30.0,
+        )
         await self.js.api(
             f"CONSUMER.CREATE.{self.stream}.{name}.{self.subject}",
             {"stream_name": self.stream, "config": config},
@@ -604,13 +654,8 @@ class KeyWatch:
                 if reply:
                     with suppress(NatrioError, ValueError):
                         self.js.conn.publish_nowait(reply)
-            last = msg.header("Nats-Last-Consumer")
-            if (
-                last is not None
-                and last.isascii()
-                and last.isdigit()
-                and int(last) != self._next_seq - 1
-            ):
+            last = decimal(msg.header("Nats-Last-Consumer"))
+            if last is not None and last != self._next_seq - 1:
                 self._mark_stale(f"missed entries (the server sent {last})")
         elif status == "409":
             self._mark_stale(f"the server ended it: {msg.header('Description')}")

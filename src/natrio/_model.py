@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import traceback as tb
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
 from ._errors import Fatal, Retryable
 from ._retry import RetryPolicy
+from ._wire import valid_dead_input_ref, valid_header, valid_id, valid_name
 
 #: Bounds of what a TaskError keeps: a handler's exception text or traceback can be any
 #: size, and a dead-letter entry must fit in one message.
@@ -145,8 +145,10 @@ class DeadLetter:
     """A dead-letter entry: the original task, why it died, where and when.
 
     ``input`` is the task's input; when it did not fit in the entry beside everything
-    else, it is kept in the ``natrio_dead_inputs`` object store under ``input_ref``
-    (``input`` is then empty; :meth:`natrio.Client.dead_letter_input` reads it).
+    else, it is kept in the ``natrio_dead_inputs`` object store under ``input_ref``,
+    ``dlq-<task_seq>`` (``input`` is then empty; :meth:`natrio.Client.dead_letter_input`
+    reads it). ``headers`` are the task's, those that are RFC 7230 tokens with one-line
+    values (at most 16 KiB of them; ``Natrio-Headers-Cut`` counts any left out).
     ``subject`` is the task's subject as received (bytes that are not UTF-8 appear as
     ``\\x..`` escapes). ``seq`` is the entry's sequence in the ``NATRIO_DLQ`` stream, set
     on entries read from it (:meth:`natrio.Client.dead_letters`; 0 otherwise, and not
@@ -209,6 +211,10 @@ class DeadLetter:
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
         ):
             raise ValueError("headers is not an object of strings")
+        for name, value in headers.items():
+            # Headers are shown and published again: tokens and single lines only.
+            if not valid_header(name, value):
+                raise ValueError(f"header {name[:64]!r} is not a token with a one-line value")
         values["headers"] = headers
         error = data.get("error")
         if not isinstance(error, dict):
@@ -229,13 +235,15 @@ class DeadLetter:
             raise ValueError("input_ref is not null or a name of 1 to 256 characters")
         if ref is not None and values["input"]:
             raise ValueError("an entry with an input_ref has an empty input")
+        if ref is not None and not valid_dead_input_ref(ref, values["task_seq"]):
+            # Its own task's name only: else replaying or purging it would take another's.
+            raise ValueError(f"input_ref {ref[:64]!r} is not the name of this task's input")
         return cls(**values, input_ref=ref, seq=seq)
 
 
-# The rules of _wire.check_name and check_id (_model imports nothing of natrio's but
-# _errors and _retry, see docs/concepts.md).
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+# What DeadLetter.from_json checks names and ids with: _wire's rules.
+_NAME = valid_name
+_ID = valid_id
 #: The longest subject, worker id or time a dead-letter entry may have.
 _MAX_FIELD = 8192
 
@@ -249,11 +257,11 @@ def _text(data: Mapping[str, Any], key: str, limit: int) -> str:
     return value
 
 
-def _checked(data: Mapping[str, Any], key: str, pattern: re.Pattern[str], kind: str) -> str:
+def _checked(data: Mapping[str, Any], key: str, valid: Callable[[str], bool], kind: str) -> str:
     value = data.get(key)
     if not isinstance(value, str):
         raise ValueError(f"{key} is not a string")
-    if not pattern.fullmatch(value):
+    if not valid(value):
         raise ValueError(f"{key} is not a valid {kind}: {value[:80]!r}")
     return value
 

@@ -23,7 +23,7 @@ from . import _wire as wire
 from ._errors import ConnectionClosed, NatrioError, NoResponders, RequestTimeout
 from ._jetstream import JetStream
 from ._model import DeadLetter, Task, TaskError, truncate
-from ._objects import ObjectStore
+from ._objects import ObjectStore, dead_input_owner
 from ._transport import Connection, Headers, Message
 
 log = logging.getLogger("natrio.outcomes")
@@ -46,18 +46,24 @@ def shown_subject(subject: str) -> str:
 
 
 def bounded_headers(headers: Mapping[str, str], limit: int = MAX_DEAD_HEADERS) -> dict[str, str]:
-    """``headers`` cut to about ``limit`` characters: long values shortened, then later
-    headers left out (natrio's own come first)."""
+    """``headers`` as a dead-letter entry keeps them, in about ``limit`` characters: those
+    that could be published again (names RFC 7230 tokens of at most 256 characters, values
+    one line, long ones shortened), natrio's own first; ``Natrio-Headers-Cut`` counts the
+    headers left out (:meth:`DeadLetter.from_json` takes no others)."""
     ordered = sorted(headers.items(), key=lambda item: not item[0].startswith(("Natrio-", "Nats-")))
     out: dict[str, str] = {}
     used = 0
     for name, value in ordered:
-        name, value = truncate(name, 256), truncate(value, 2048)
+        if len(name) > 256 or not wire.valid_header(name, value):
+            continue  # a malformed task's: its error says what was wrong with it
+        # On one line: truncate's marker has line breaks around it.
+        value = truncate(value, 2048).replace("\n", " ")
         used += len(name) + len(value) + 8
         if used > limit:
-            out["Natrio-Headers-Cut"] = str(len(headers) - len(out))
             break
         out[name] = value
+    if len(out) < len(headers):
+        out["Natrio-Headers-Cut"] = str(len(headers) - len(out))
     return out
 
 
@@ -305,8 +311,8 @@ class Reporter:
         """
         raw = entry.to_json()
         if not self.fits(raw):
-            name = f"dlq-{entry.task_seq}" if entry.task_seq else f"dlq-{now_iso()}"
-            await self.dead_inputs.put(name, entry.input)
+            name = wire.dead_input_name(entry.task_seq) if entry.task_seq else f"dlq-{now_iso()}"
+            await self.dead_inputs.put(name, entry.input, owner=dead_input_owner(entry))
             entry = attrs.evolve(entry, input=b"", input_ref=name)
             raw = entry.to_json()
             if not self.fits(raw):

@@ -13,7 +13,6 @@ client whose clock is off still counts the right minute.
 from __future__ import annotations
 
 import math
-import re
 import secrets
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
@@ -26,15 +25,12 @@ import trio
 from . import _wire as wire
 from ._errors import ConfigurationError, NatrioError
 from ._history import stream_time
-from ._jetstream import API, JetStream
+from ._jetstream import API, JetStream, short_lived_consumer
 from ._util import single_error
 
 #: The event kinds counted for the rates.
 RATE_KINDS = (wire.COMPLETED, wire.FAILED, wire.DEAD)
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PLACEMENT = re.compile(r"[pts][A-Za-z0-9_-]{1,64}")
-_NS = 1_000_000_000
 # Counting consumers created at once.
 _PARALLEL = 16
 
@@ -122,10 +118,13 @@ def parse_consumer(info: Mapping[str, Any]) -> tuple[str, str] | None:
     if not isinstance(name, str) or not isinstance(config, Mapping):
         return None
     parts = name.split("~")
-    if len(parts) not in (2, 3) or not all(_NAME.fullmatch(part) for part in parts[:2]):
+    if len(parts) not in (2, 3) or not all(wire.valid_name(part) for part in parts[:2]):
         return None
     placement = parts[2] if len(parts) == 3 else None
-    if placement is not None and not _PLACEMENT.fullmatch(placement):
+    # A placement is p<k>, t<claim> or s<claim>, its tail a name.
+    if placement is not None and not (
+        placement[:1] in ("p", "t", "s") and wire.valid_name(placement[1:])
+    ):
         return None
     if config.get("filter_subject") != wire.task_filter(parts[0], parts[1], placement):
         return None
@@ -146,8 +145,8 @@ def dead_letter_counts(subjects: Mapping[str, int]) -> dict[tuple[str, str], int
             len(parts) != 6
             or parts[0] != wire.PREFIX
             or parts[1] != "dead"
-            or not _NAME.fullmatch(parts[2])
-            or not _NAME.fullmatch(parts[3])
+            or not wire.valid_name(parts[2])
+            or not wire.valid_name(parts[3])
         ):
             continue
         key = (parts[2], parts[3])
@@ -191,16 +190,12 @@ async def count_since(js: JetStream, subjects: str, start: datetime) -> int:
     should the drop be lost.
     """
     name = f"natrio_count_{secrets.token_hex(6)}"
-    config = {
-        "name": name,
-        "deliver_policy": "by_start_time",
-        "opt_start_time": start.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-        "filter_subject": subjects,
-        "ack_policy": "none",
-        "mem_storage": True,
-        "num_replicas": 1,
-        "inactive_threshold": 10 * _NS,
-    }
+    config = short_lived_consumer(
+        name,
+        subjects,
+        deliver_policy="by_start_time",
+        opt_start_time=start.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+    )
     info = await js.api(
         f"CONSUMER.CREATE.{wire.EVENT_STREAM}.{name}.{subjects}",
         {"stream_name": wire.EVENT_STREAM, "config": config},
@@ -226,10 +221,11 @@ async def read_overview(js: JetStream, *, window: float = 60.0) -> Overview:
     if now is None:
         now = datetime.now(UTC)  # a server too old to say its time: ours will do
     tasks = await js.stream_info(wire.TASK_STREAM)
-    # Schedules share the task stream (outside every consumer's filter): not tasks.
+    # Schedules share the task stream (outside every consumer's filter): not tasks. Each
+    # has a subject of its own holding one message, so counting subjects counts them.
     scheduled = 0
     for kind in ("schedule", "delayed"):
-        scheduled += sum((await js.subjects(wire.TASK_STREAM, f"{wire.PREFIX}.{kind}.>")).values())
+        scheduled += await js.subject_count(wire.TASK_STREAM, f"{wire.PREFIX}.{kind}.>")
     stored = max(_count((tasks.get("state") or {}).get("messages")) - scheduled, 0)
     consumers = await js.consumers(wire.TASK_STREAM)
     dead = dead_letter_counts(await js.subjects(wire.DEAD_STREAM, f"{wire.PREFIX}.dead.>"))

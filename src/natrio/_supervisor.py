@@ -38,6 +38,7 @@ import attrs
 import trio
 
 from ._errors import ConfigurationError, SupervisorError
+from ._util import single_error
 
 __all__ = [
     "INDEX_ENV",
@@ -315,7 +316,7 @@ class Supervisor:
         if self._started:
             raise RuntimeError("a Supervisor runs once")
         self._started = True
-        try:
+        with single_error():
             async with trio.open_nursery() as nursery:
                 for index in range(self.processes):
                     nursery.start_soon(self._slot, index)
@@ -330,14 +331,6 @@ class Supervisor:
                     waiting.start_soon(until, self._stopping)
                 if self._gave_up is None:
                     task_status.started()
-        except BaseExceptionGroup as group:
-            # Nurseries wrap even a lone failure; let it out as itself.
-            sole: BaseException = group
-            while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
-                sole = sole.exceptions[0]
-            if sole is group:
-                raise
-            raise sole from None
         if self._gave_up is not None:
             raise SupervisorError(self._gave_up)
         if self._unclean:
@@ -494,13 +487,16 @@ class Supervisor:
         self._pass(child.index, line, stderr)
 
     def _pass(self, index: int, line: str, stderr: bool) -> None:
-        # Whoever read the output may be gone (a closed pipe): the workers keep running,
-        # and their lines have nowhere to go.
-        with contextlib.suppress(OSError):
-            self._output(index, line, stderr)
+        # Whoever read the output may be gone (a closed pipe), or unable to show it (a
+        # locale without the characters): the workers keep running either way.
+        with contextlib.suppress(OSError, UnicodeError):
+            try:
+                self._output(index, line, stderr)
+            except UnicodeError:
+                self._output(index, line.encode("ascii", "backslashreplace").decode(), stderr)
 
     def _say(self, message: str) -> None:
-        with contextlib.suppress(OSError):  # as in _pass
+        with contextlib.suppress(OSError, UnicodeError):  # as in _pass
             self._tell(message)
 
 
@@ -512,7 +508,10 @@ async def run_supervisor(
     Works with ``nursery.start`` (started once every process is ready). Must be called
     from the main thread. Raises what :meth:`Supervisor.run` raises.
     """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        single_error(),
+    ):
         async with trio.open_nursery() as nursery:
 
             async def on_signals() -> None:

@@ -90,6 +90,27 @@ CONTINUED: Final = "continued"
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+_DECIMAL_DIGITS = 20  # enough for any uint64, which JetStream's sequences are
+
+
+def valid_name(text: str) -> bool:
+    """Whether ``text`` is a valid task type, group, worker, claim or signal name: 1-64
+    ASCII letters, digits, ``_`` and ``-`` (the rule :func:`check_name` enforces)."""
+    return _NAME.fullmatch(text) is not None
+
+
+def valid_id(text: str) -> bool:
+    """Whether ``text`` is a valid run id or step id: 1-128 ASCII letters, digits, ``_``,
+    ``-`` and ``=`` (the rule :func:`check_id` enforces)."""
+    return _ID.fullmatch(text) is not None
+
+
+def decimal(text: str | None) -> int | None:
+    """A header's non-negative decimal number, or None for anything else (absent, empty,
+    a sign, a space, non-ASCII digits, or more than 20 digits)."""
+    if not text or len(text) > _DECIMAL_DIGITS or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def check_name(kind: str, value: object) -> str:
@@ -99,7 +120,7 @@ def check_name(kind: str, value: object) -> str:
     subject tokens and consumer names, where ``.``, ``*``, ``>`` and whitespace break
     routing.
     """
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not valid_name(value):
         raise ConfigurationError(
             f"invalid {kind} {value!r}: use 1-64 ASCII letters, digits, '_' or '-' "
             "(no '.', '*', '>', whitespace or empty names)"
@@ -114,7 +135,7 @@ def check_id(kind: str, value: object) -> str:
     tokens and KV keys (where nats.go and the ``nats`` CLI accept no other characters),
     and ``:`` separates them in message ids.
     """
-    if not isinstance(value, str) or not _ID.fullmatch(value):
+    if not isinstance(value, str) or not valid_id(value):
         raise ConfigurationError(
             f"invalid {kind} {value!r}: use 1-128 ASCII letters, digits, '_', '-' or '='"
         )
@@ -281,3 +302,30 @@ def parse_ack_subject(reply: str) -> tuple[int, int]:
     if len(parts) >= 11:
         return int(parts[6]), int(parts[7])
     raise ValueError(f"not a JetStream ack subject: {reply!r}")
+
+
+# An RFC 7230 token: what a header name must be (the transport checks every header natrio
+# publishes by the same rule; this copy serves the records below it, see _model).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def valid_header(name: str, value: str) -> bool:
+    """Whether ``name: value`` is a header natrio can publish again: the name an RFC 7230
+    token, the value a single line."""
+    return _HEADER_NAME.fullmatch(name) is not None and "\r" not in value and "\n" not in value
+
+
+def dead_input_name(task_seq: int) -> str:
+    """The name in ``DEAD_INPUTS_BUCKET`` of the stored input of the dead letter of task
+    ``task_seq`` (a sequence >= 1 in the task stream)."""
+    return f"dlq-{task_seq}"
+
+
+def valid_dead_input_ref(ref: str, task_seq: int) -> bool:
+    """Whether ``ref`` may be the ``input_ref`` of a dead letter of task ``task_seq``: its
+    own :func:`dead_input_name`, or for an entry without a task sequence (0) another
+    ``dlq-`` name, never one of the form of an entry's that has one."""
+    if task_seq:
+        return ref == dead_input_name(task_seq)
+    rest = ref.removeprefix("dlq-")
+    return rest != ref and bool(rest) and not (rest.isascii() and rest.isdigit())

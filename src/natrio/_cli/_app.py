@@ -18,6 +18,8 @@ from rich.text import Text
 
 import natrio
 
+from .._util import unwrapped
+
 DEFAULT_URL = "nats://127.0.0.1:4222"
 URL_ENV_VAR = "NATRIO_URL"
 
@@ -56,20 +58,14 @@ class CommandError(Exception):
         self.code = code
 
 
-def single(exc: BaseException) -> BaseException:
-    # Nurseries wrap even a lone failure in an ExceptionGroup; report the failure itself.
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Turn natrio's errors into a message and an exit status instead of a traceback."""
     try:
         yield
     except (natrio.NatrioError, CommandError, KeyboardInterrupt, BaseExceptionGroup) as raised:
-        exc = single(raised)
+        # Nurseries wrap even a lone failure in an ExceptionGroup: report the failure itself.
+        exc = unwrapped(raised)
         if isinstance(exc, KeyboardInterrupt):
             raise click.exceptions.Exit(130) from None
         if isinstance(exc, CommandError):
@@ -114,13 +110,42 @@ def run(async_fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def seconds_option(
+    *names: str, default: float | None, help: str, at_least: float | None = None
+) -> Callable[[F], F]:
+    """An option taking a number of seconds: more than 0, or ``at_least`` or more."""
+    return click.option(
+        *names,
+        type=click.FloatRange(min=0, min_open=True)
+        if at_least is None
+        else click.FloatRange(min=at_least),
+        default=default,
+        show_default=None if default is None else True,
+        help=help,
+    )
+
+
+def count_option(*names: str, default: int | None, help: str) -> Callable[[F], F]:
+    """An option taking a whole number of 1 or more."""
+    return click.option(
+        *names,
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=None if default is None else True,
+        help=help,
+    )
+
+
+def json_option(help: str = "Print JSON instead of a table.") -> Callable[[F], F]:
+    """``--json`` (the flag ``as_json``): print JSON for scripts instead of what people read."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
 def connection_options(command: F) -> F:
     """``--url`` and ``--connect-timeout``, for every command that talks to NATS."""
-    command = click.option(
+    command = seconds_option(
         "--connect-timeout",
-        type=click.FloatRange(min=0, min_open=True),
         default=5.0,
-        show_default=True,
         help="Seconds to wait for the first connection before giving up.",
     )(command)
     command = click.option(

@@ -15,7 +15,7 @@ import click
 import trio
 from rich.text import Text
 
-from ._app import CommandError, F, cli, make_console, run, say
+from ._app import CommandError, F, cli, count_option, make_console, run, say, seconds_option
 
 # -- natrio bench -------------------------------------------------------------------------
 
@@ -63,11 +63,8 @@ def _process_counts(
 
 
 def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], F]:
-    return click.option(
-        name,
-        type=click.IntRange(min=1),
-        default=None,
-        help=f"{what}. Default: {full:,} ({quick:,} with --quick).",
+    return count_option(
+        name, default=None, help=f"{what}. Default: {full:,} ({quick:,} with --quick)."
     )
 
 
@@ -92,11 +89,9 @@ def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], 
     "comma-separate. "
     "Default: all.",
 )
-@click.option(
+@count_option(
     "--rounds",
-    type=click.IntRange(min=1),
     default=1,
-    show_default=True,
     help="Rounds of drain, roundtrip and concurrency (interleaved; medians are reported). "
     "The long run runs once.",
 )
@@ -109,18 +104,11 @@ def _count_option(name: str, full: int, quick: int, what: str) -> Callable[[F], 
     help="Round trips before measuring. Default: 200 (50 with --quick).",
 )
 @_count_option("--sleepers", 2_000, 200, "Sleeping handlers, all at once (the concurrency)")
-@click.option(
-    "--sleep",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Seconds each sleeping handler sleeps.",
-)
+@seconds_option("--sleep", default=1.0, help="Seconds each sleeping handler sleeps.")
 @_count_option("--longrun-tasks", 1_000_000, 20_000, "Tasks through one worker in the long run")
 @_count_option("--loss-tasks", 2_000, 500, "Tasks each loss contestant is given")
-@click.option(
+@seconds_option(
     "--loss-seconds",
-    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Seconds each loss contestant runs without an events stream. Default: 5 (3 with --quick).",
 )

@@ -200,7 +200,9 @@ def show(seq: int, url: str, connect_timeout: float, as_json: bool) -> None:
         rows.append((f"header {shown(name[:64])}", value))
     rows.append(("input", _shown_input(data, problem, entry.input_ref)))
     for name, value in rows:
-        grid.add_row(name, Text(shown(value, lines=True)))
+        # Text, never a str: Rich would read markup in it ([link=...], or a [/x] that
+        # raises), and the header names are the entry's.
+        grid.add_row(Text(shown(name)), Text(shown(value, lines=True)))
     console = make_console()
     console.print(grid)
     if entry.error.traceback:
@@ -259,7 +261,8 @@ def replay(
     Each replayed task keeps its task type, group, run id and step id, its headers and
     retry policy, but not its deadline; its entry is removed once it is stored. Prints
     `RUN_ID STEP_ID SEQ` for each (SEQ is the new task's sequence in the task stream); an
-    entry replayed already queues no second task. --all shows a progress bar on stderr,
+    entry replayed already queues no second task, and stays (`natrio dlq purge` removes
+    it). --all shows a progress bar on stderr,
     replays the entries there when it starts, and exits with status 1 if any failed.
     """
     if (seq is None) == (not replay_all):
@@ -299,9 +302,12 @@ async def _replay(
             redirect_stderr=False,
             transient=True,
         )
-        # On a terminal the ids are printed above the bar; piped, to stdout as they come.
+        # On a terminal the ids are printed above the bar (as Text: no markup is read in
+        # them); piped, to stdout as they come.
         emit: Callable[[str], None] = (
-            progress.console.print if make_console().is_terminal else click.echo
+            (lambda line: progress.console.print(Text(line)))
+            if make_console().is_terminal
+            else click.echo
         )
         with progress:
             bar = progress.add_task("replaying", total=len(seqs))
@@ -324,7 +330,8 @@ def _replayed(handle: natrio.TaskHandle, emit: Callable[[str], None]) -> None:
     if handle.duplicate:
         say(
             f"{handle.task_type} {handle.run_id}/{handle.step_id}: replayed already (or "
-            "submitted again), so no new task was queued",
+            f"submitted again) as task {handle.seq}, so no new task was queued; an entry "
+            "found replayed already stays (`natrio dlq purge` removes it)",
             "yellow",
         )
 

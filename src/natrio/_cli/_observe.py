@@ -24,7 +24,18 @@ from rich.text import Text
 
 import natrio
 
-from ._app import cli, connection_options, fail, make_console, run, say, urls
+from ._app import (
+    cli,
+    connection_options,
+    count_option,
+    fail,
+    json_option,
+    make_console,
+    run,
+    say,
+    seconds_option,
+    urls,
+)
 
 _KIND_STYLES = {
     "completed": "green",
@@ -54,14 +65,8 @@ def _time(when: datetime) -> str:
 @click.argument("run_id", metavar="RUN")
 @click.argument("step_id", metavar="[STEP]", required=False)
 @connection_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option(
-    "--limit",
-    type=click.IntRange(min=1),
-    default=10_000,
-    show_default=True,
-    help="Read at most this many events.",
-)
+@json_option()
+@count_option("--limit", default=10_000, help="Read at most this many events.")
 def events(
     run_id: str,
     step_id: str | None,
@@ -144,18 +149,14 @@ async def _events(
 
 # -- natrio stats -------------------------------------------------------------------------
 
-_window_option = click.option(
-    "--window",
-    type=click.FloatRange(min=0, min_open=True),
-    default=60.0,
-    show_default=True,
-    help="Seconds of events the rates count (on the server's clock).",
+_window_option = seconds_option(
+    "--window", default=60.0, help="Seconds of events the rates count (on the server's clock)."
 )
 
 
 @cli.command()
 @connection_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@json_option("Print JSON instead of tables.")
 @_window_option
 def stats(url: str, connect_timeout: float, as_json: bool, window: float) -> None:
     """Print what the deployment is doing, as the server sees it.
@@ -229,17 +230,10 @@ async def _overview(urls: list[str], connect_timeout: float, window: float) -> n
 @cli.command()
 @connection_options
 @_window_option
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=0.1),
-    default=1.0,
-    show_default=True,
-    help="Seconds between refreshes.",
-)
-@click.option(
+@seconds_option("--interval", default=1.0, at_least=0.1, help="Seconds between refreshes.")
+@count_option(
     "-n",
     "--iterations",
-    type=click.IntRange(min=1),
     default=None,
     help="Refresh this many times, then exit. Default: until q or Ctrl-C.",
 )

@@ -11,7 +11,7 @@ import trio
 
 import natrio
 
-from ._app import CommandError, cli, connection_options, run, say, urls
+from ._app import CommandError, cli, connection_options, run, say, seconds_option, urls
 
 # -- natrio submit ------------------------------------------------------------------------
 
@@ -41,9 +41,8 @@ def _json_payload(ctx: click.Context, param: click.Parameter, value: str | None)
     "--soft", is_flag=True, help="With --target: any worker may run it while no holder is alive."
 )
 @click.option("--wait", is_flag=True, help="Wait for the task's outcome and print its output.")
-@click.option(
+@seconds_option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="With --wait: give up after this many seconds (exit status 1). Default: wait forever.",
 )
@@ -184,9 +183,8 @@ async def _send_signal(
 @click.argument("run_id", metavar="RUN")
 @click.argument("step_id", metavar="STEP")
 @connection_options
-@click.option(
+@seconds_option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Give up after this many seconds (exit status 1). Default: wait forever.",
 )

@@ -24,6 +24,7 @@ from .._supervisor import (
     run_supervisor,
     stop_when_supervisor_gone,
 )
+from .._util import single_error
 from ._app import (
     URL_ENV_VAR,
     cli,
@@ -32,7 +33,7 @@ from ._app import (
     reported_errors,
     run,
     say,
-    single,
+    seconds_option,
     urls,
 )
 
@@ -136,10 +137,10 @@ def _process_count(ctx: click.Context, param: click.Parameter, value: str) -> in
 @cli.command()
 @click.argument("spec", metavar="MODULE:ATTRIBUTE")
 @connection_options
-@click.option(
+@seconds_option(
     "--grace",
-    type=click.FloatRange(min=0),
     default=None,
+    at_least=0,
     help="Seconds running tasks get to finish on SIGINT/SIGTERM. "
     "Default: the worker's shutdown_grace.",
 )
@@ -249,15 +250,10 @@ async def _work(
     grace: float | None,
     supervised: bool = False,
 ) -> None:
-    try:
+    # A factory's own bug (or any lone failure) is shown as itself, its traceback
+    # ending where it was raised, rather than inside the nurseries' groups.
+    with single_error():
         await _serve(spec, factory, urls, connect_timeout, grace, supervised)
-    except BaseExceptionGroup as group:
-        # A factory's own bug (or any lone failure) is shown as itself, its traceback
-        # ending where it was raised, rather than inside the nurseries' groups.
-        sole = single(group)
-        if sole is group:
-            raise
-        raise sole from None
 
 
 async def _serve(

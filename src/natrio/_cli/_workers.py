@@ -11,14 +11,14 @@ from rich.text import Text
 import natrio
 
 from .._routing.claims import unheld_claims
-from ._app import cli, connection_options, make_console, run, say, urls
+from ._app import cli, connection_options, json_option, make_console, run, say, urls
 
 # -- natrio workers -----------------------------------------------------------------------
 
 
 @cli.command()
 @connection_options
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@json_option("Print a JSON list instead of a table.")
 def workers(url: str, connect_timeout: float, as_json: bool) -> None:
     """List the workers registered in the worker directory.
 

@@ -27,7 +27,6 @@ MAX_RETRY_HEADER: Final = 1024
 #: The latest deadline natrio takes (Unix seconds, the year 5138).
 MAX_DEADLINE: Final = 1e11
 
-_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
 # A valid task subject in one match; the slower checks below only say why one is not.
 # The group token is the group, or ``<group>~<placement>`` for a placed task.
 _TASK_SUBJECT = re.compile(
@@ -77,9 +76,16 @@ def ack_position(reply: str) -> tuple[int, int] | None:
     return (delivered, seq) if delivered >= 1 and seq >= 1 else None
 
 
-def valid_id(value: str) -> bool:
-    """Whether ``value`` is a run or step id (1-128 of ``[A-Za-z0-9_=-]``)."""
-    return _ID.fullmatch(value) is not None
+def valid_iteration(value: str) -> bool:
+    """Whether ``value`` is a ``Natrio-Iteration`` the edge takes (1 to 999,999,999)."""
+    return _ITERATION.fullmatch(value) is not None
+
+
+def split_task_subject(subject: str) -> tuple[str, str, str, str] | None:
+    """(task type, group token, run id, step id) of a task subject the edge takes, or
+    None. The group token is the group, or ``<group>~<placement>`` for a placed task."""
+    match = _TASK_SUBJECT.fullmatch(subject)
+    return None if match is None else (match[1], match[2], match[3], match[4])
 
 
 def reply_target(value: str, inbox_prefix: str) -> str | None:
@@ -295,8 +301,8 @@ def _subject_problem(subject: str, task_type: str, group: str) -> str:
         return f"subject {subject[:200]!r} is not natrio.task.<type>.<group>.<run_id>.<step_id>"
     if parts[2] != task_type or parts[3] != group:
         return f"subject {subject[:200]!r} is not for {task_type} in {group}"
-    if not valid_id(parts[4]):
+    if not wire.valid_id(parts[4]):
         return f"run id {parts[4][:64]!r}: use 1-128 of A-Z a-z 0-9 _ - ="
-    if not valid_id(parts[5]):
+    if not wire.valid_id(parts[5]):
         return f"step id {parts[5][:64]!r}: use 1-128 of A-Z a-z 0-9 _ - ="
     return f"subject {subject[:200]!r} is not for a task type and group natrio names"

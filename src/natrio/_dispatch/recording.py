@@ -22,7 +22,7 @@ from .._model import Task, TaskError
 from .._outcomes import Reporter
 from .._state import StepState
 from .._transport import Headers
-from .edge import check_reply, read_task, reply_target, valid_id
+from .edge import check_reply, read_task, reply_target
 from .policy import Dead, decide, finite_delay
 from .tally import Tally
 
@@ -391,7 +391,7 @@ class Recorder:
         attempts, seq = delivery.position or (1, 0)
         parts = msg.subject.split(".") if msg.subject.isascii() else []
         ids = None
-        if len(parts) == 6 and valid_id(parts[4]) and valid_id(parts[5]):
+        if len(parts) == 6 and wire.valid_id(parts[4]) and wire.valid_id(parts[5]):
             ids = (parts[4], parts[5])
         reply = None
         raw_reply = msg.header(wire.H_REPLY)

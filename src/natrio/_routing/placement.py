@@ -4,7 +4,6 @@ partitions, and the claim a worker holds by its name."""
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Sequence
 
 from .. import _wire as wire
@@ -12,7 +11,6 @@ from .._errors import ConfigurationError
 
 _FNV_OFFSET = 0x811C9DC5
 _FNV_PRIME = 0x01000193
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def fnv1a_32(data: bytes) -> int:
@@ -71,7 +69,7 @@ def worker_target(name: str) -> str:
     """
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"a worker name is a non-empty string, got {name!r}")
-    if _NAME.fullmatch(name) and len(name) <= 62:
+    if wire.valid_name(name) and len(name) <= 62:
         return f"w-{name}"
     digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=12)
     return f"w-{digest.hexdigest()}"
@@ -93,6 +91,6 @@ def parse_claim_consumer(name: str) -> tuple[str, str, bool, str] | None:
         return None
     task_type, group, placement = parts
     claim = placement[1:]
-    if not (_NAME.fullmatch(task_type) and _NAME.fullmatch(group) and _NAME.fullmatch(claim)):
+    if not (wire.valid_name(task_type) and wire.valid_name(group) and wire.valid_name(claim)):
         return None
     return task_type, group, placement[0] == "s", claim
