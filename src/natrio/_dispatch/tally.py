@@ -8,6 +8,7 @@ last :data:`WINDOW` handler times of the type.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -15,12 +16,23 @@ import attrs
 
 #: How many recent handler calls of a task type its percentiles are taken over.
 WINDOW = 1024
+#: Seconds a task type's handler-time percentiles are kept before they are worked out again.
+PERCENTILES_EVERY = 0.5
 
 
 class Tally:
     """What one worker's executions of one task type came to so far (mutable)."""
 
-    __slots__ = ("dead", "durations", "failed", "retried", "started", "succeeded")
+    __slots__ = (
+        "_percentiles",
+        "_percentiles_at",
+        "dead",
+        "durations",
+        "failed",
+        "retried",
+        "started",
+        "succeeded",
+    )
 
     def __init__(self) -> None:
         self.started = 0
@@ -30,6 +42,17 @@ class Tally:
         self.dead = 0
         #: Seconds each of the last WINDOW handler calls took.
         self.durations: deque[float] = deque(maxlen=WINDOW)
+        self._percentiles: tuple[float | None, ...] = (None, None, None)
+        self._percentiles_at = -math.inf
+
+    def handler_percentiles(self, now: float) -> tuple[float | None, ...]:
+        """p50, p90 and p99 of :attr:`durations`, worked out again at most every
+        :data:`PERCENTILES_EVERY` seconds (``now`` on a monotonic clock): a caller
+        polling the statistics many times a second must not pay a sort each time."""
+        if now - self._percentiles_at >= PERCENTILES_EVERY or self._percentiles[0] is None:
+            self._percentiles = percentiles(self.durations, (50, 90, 99))
+            self._percentiles_at = now
+        return self._percentiles
 
 
 def percentiles(samples: Iterable[float], points: Sequence[float]) -> tuple[float | None, ...]:
@@ -56,7 +79,8 @@ class TaskTypeStatistics:
     included, which start no handler); ``in_flight``: executions under way now.
     ``handler_p50``, ``handler_p90`` and ``handler_p99`` are the nearest-rank
     percentiles, in seconds, of the wall-clock time of the last ``samples`` handler calls
-    (at most 1024), None before the first. A call is timed however it ended (returned,
+    (at most 1024; worked out at most twice a second, so they may lag the newest calls
+    by up to half a second), None before the first. A call is timed however it ended (returned,
     raised, paused or cancelled), through the middleware chain; recording the outcome
     after it returns is not part of it (an outcome the handler records itself, with
     ``ctx.complete`` say, is).
@@ -79,7 +103,7 @@ class TaskTypeStatistics:
         """A snapshot of ``tally`` (None: nothing happened yet)."""
         if tally is None:
             return cls(task_type, in_flight=in_flight)
-        p50, p90, p99 = percentiles(tally.durations, (50, 90, 99))
+        p50, p90, p99 = tally.handler_percentiles(time.monotonic())
         return cls(
             task_type,
             started=tally.started,
