@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -44,17 +45,56 @@ def test_an_answer_after_the_lease_ended_proves_nothing() -> None:
     assert lease.ends == 10.0
 
 
-def test_a_reconnect_drops_unproven_keep_alives_and_stale_answers() -> None:
+def test_a_link_change_drops_unproven_keep_alives_and_stale_answers() -> None:
     prober = Prober()
     lease = Lease(0.0, 10.0)
     lease.renewed(3.0)
     epoch = prober.epoch
     assert prober.due()
-    prober.reconnected([lease])
+    prober.link_changed([lease])
     assert lease.renewals == []
     prober.answered(4.0, epoch, 4.1, [lease])
     assert (lease.ends, prober.answered_sent) == (10.0, -math.inf)
-    assert prober.due()  # the lost probe is no longer out
+    assert prober.outstanding == 0  # the lost probe is no longer counted as out
+
+
+def test_probes_out_are_bounded() -> None:
+    prober = Prober()
+    for _ in range(Prober.MAX_OUTSTANDING):
+        assert prober.due()
+    assert not prober.due()
+    prober.settled(prober.epoch)
+    assert prober.due()
+
+
+@pytest.mark.parametrize("rtt_share", [0.01, 0.3, 0.9, 1.5, 1.9])
+def test_a_healthy_link_never_fences_a_long_execution(rtt_share: float) -> None:
+    # The dispatcher's order on every tick (ack_wait / 6): fence what is short, renew
+    # every exclusive delivery, send a probe; answers come one round trip later. A
+    # delivery may arrive at any moment between ticks, with probes still out. Healthy:
+    # round trips under a third of the ack wait (two ticks).
+    ack_wait = 6.0
+    tick = ack_wait / 6
+    rtt = rtt_share * tick
+    for phase in [i / 20 for i in range(20)]:
+        prober = Prober()
+        prober.answered(-tick, prober.epoch, -tick + rtt, [])
+        answers: list[tuple[float, float]] = []  # (answered at, sent at)
+        lease = None
+        for n in range(60):
+            now = n * tick
+            arrival = (phase + 3) * tick
+            for at, sent in sorted(answers):
+                if at <= now:
+                    prober.answered(sent, prober.epoch, at, [lease] if lease else [])
+            answers = [(at, sent) for at, sent in answers if at > now]
+            if lease is None and now >= arrival:
+                # Arrived between the previous tick and this one, answers so far in.
+                lease = prober.lease(ack_wait)
+            if lease is not None:
+                assert not lease.fenced(now), (rtt_share, phase, n)
+                lease.renewed(now)
+            answers.append((now + rtt, now))
 
 
 @given(

@@ -398,12 +398,14 @@ async def open_link(
     *,
     on_reconnect: Callable[[], None],
     on_closed: Callable[[], None],
+    on_disconnect: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[NatsLink]:
     """A trio-asyncio loop and a connected nats-py client on it, for the ``async with`` body.
 
     ``shown`` is how the URLs appear in messages (redacted). Raises ConnectError when no
     connection was made within ``connect_timeout``, at once for refused credentials or a
-    failed TLS handshake. ``on_reconnect`` and ``on_closed`` are called in Trio's thread.
+    failed TLS handshake. ``on_reconnect``, ``on_disconnect`` and ``on_closed`` are called in
+    Trio's thread.
     """
     async with trio_asyncio.open_loop() as loop:
         state: dict[str, Any] = {"connected": False, "last_error": None}
@@ -423,6 +425,7 @@ async def open_link(
         async def disconnected_cb() -> None:
             if state["connected"]:
                 log.info("disconnected from %s", shown)
+                on_disconnect()
 
         async def reconnected_cb() -> None:
             log.info("reconnected to %s", shown)

@@ -104,13 +104,15 @@ class Delivery:
 
     # -- settlement -------------------------------------------------------------------
 
-    def _send_safely(self, payload: bytes) -> None:
+    def _send_safely(self, payload: bytes) -> bool:
         # A settlement that cannot be sent (the connection closed) is one the server will
         # redeliver after AckWait: logged, never raised into the runner or the read loop.
         try:
             self._send(self.msg.reply, payload)
         except Exception as exc:
             log.warning("could not send %r for %s: %r", payload[:5], self.msg.subject[:200], exc)
+            return False
+        return True
 
     def _settle(self, payload: bytes) -> bool:
         if self.settled:
@@ -134,10 +136,8 @@ class Delivery:
     def in_progress(self, now: float) -> None:
         """Reset the server's ack timer (``+WPI``), unless already settled."""
         self.last_progress = now
-        if not self.settled:
-            self._send_safely(b"+WPI")
-            if self.lease is not None:
-                self.lease.renewed(now)
+        if not self.settled and self._send_safely(b"+WPI") and self.lease is not None:
+            self.lease.renewed(now)
 
     def fence(self) -> None:
         """Give the delivery up: its lease may have run out, so the server may have handed

@@ -218,6 +218,8 @@ class Executor:
                 delivery.ctx = None
                 self.deferrals += 1
                 return
+        if delivery.fenced:
+            return  # given up while it was being checked: another worker may run it now
         if self.started_event_after == 0:
             self.reporter.started(task)
             delivery.announced = True

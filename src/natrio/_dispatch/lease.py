@@ -67,39 +67,52 @@ class Lease:
 
 
 class Prober:
-    """The probes of one connection: whether one is out, and the newest one answered."""
+    """The probes of one connection: how many are out, and the newest one answered.
+
+    A probe goes out on every keep-alive tick (several may be out at once on a slow
+    link, each proving what was sent before it); one that outlived a disconnect proves
+    nothing, since what was written to the old link may never have arrived.
+    """
 
     __slots__ = ("answered_sent", "epoch", "outstanding")
+
+    #: Probes awaiting their answers beyond which no more are sent (a dead link).
+    MAX_OUTSTANDING = 8
 
     def __init__(self) -> None:
         #: The send time of the newest probe answered so far (-inf: none yet).
         self.answered_sent = -math.inf
-        #: Whether the periodic probe awaits its answer.
-        self.outstanding = False
-        #: Counts reconnects: a probe sent before the latest one proves nothing.
+        #: Probes awaiting their answers.
+        self.outstanding = 0
+        #: Counts disconnects and reconnects: a probe sent in an earlier one proves nothing.
         self.epoch = 0
 
     def due(self) -> bool:
-        """Whether the periodic probe may be sent now (none is out); marks it out."""
-        if self.outstanding:
+        """Whether a probe may be sent now; counts it as out."""
+        if self.outstanding >= self.MAX_OUTSTANDING:
             return False
-        self.outstanding = True
+        self.outstanding += 1
         return True
+
+    def settled(self, epoch: int) -> None:
+        """A probe of ``epoch`` was answered or failed."""
+        if epoch == self.epoch and self.outstanding:
+            self.outstanding -= 1
 
     def answered(self, sent: float, epoch: int, now: float, leases: Iterable[Lease]) -> None:
         """A probe sent at ``sent`` (in ``epoch``) was answered at ``now``: prove what it
-        proves. One that outlived a reconnect proves nothing."""
+        proves. One sent before a disconnect or reconnect proves nothing."""
         if epoch != self.epoch:
             return
         self.answered_sent = max(self.answered_sent, sent)
         for lease in leases:
             lease.proven(sent, now)
 
-    def reconnected(self, leases: Iterable[Lease]) -> None:
-        """The link was lost and made again: what was written to the old one may never have
+    def link_changed(self, leases: Iterable[Lease]) -> None:
+        """The link was lost, or made again: what was written to the old one may never have
         arrived, so no probe proves the keep-alives sent before now."""
         self.epoch += 1
-        self.outstanding = False
+        self.outstanding = 0
         for lease in leases:
             lease.renewals.clear()
 

@@ -208,7 +208,7 @@ class Dispatcher:
         itself); they end once :meth:`shutdown` has handed every task back, or at once when
         cancelled while nothing runs.
         """
-        remove_listener = self.conn.add_reconnect_listener(self._on_reconnect)
+        remove_listener = self.conn.add_reconnect_listener(self._on_link_change, disconnects=True)
         async with trio.open_nursery() as nursery:
             self.recorder.spawn = nursery.start_soon
             for _ in range(self.concurrency):
@@ -353,7 +353,8 @@ class Dispatcher:
                 self._queue.put(delivery)
 
     async def _keep_alive(self) -> None:
-        # One loop keeps every held task alive, queued or running, with +WPI every ack_wait/3.
+        # One loop keeps every held task alive, queued or running, with +WPI every ack_wait/3
+        # (exclusive ones every tick, ack_wait/6, each followed by a probe of the link).
         # Shielded so that handlers finishing inside the shutdown grace stay alive too;
         # shutdown() (or the end of run()) ends it.
         with self._keep_alive_scope:
@@ -363,40 +364,51 @@ class Dispatcher:
                 if self._tick_changed.is_set():
                     self._tick_changed = trio.Event()
                 now = trio.current_time()
+                if self._exclusive:
+                    # Answers to probes may be waiting behind this tick (a late tick after
+                    # a long pause): let the read loop hand them over before judging.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    now = trio.current_time()
                 for delivery in list(self._held):
-                    if now - delivery.last_progress >= delivery.route.ack_wait / 3:
+                    # Exclusive deliveries are renewed every tick, each renewal proven by
+                    # the probe sent right after it (see lease.py).
+                    if delivery.lease is not None or (
+                        now - delivery.last_progress >= delivery.route.ack_wait / 3
+                    ):
                         delivery.in_progress(now)
                 if self._exclusive:
                     self._check_leases(now)
 
     def _leases(self) -> list[Lease]:
-        return [d.lease for d in self._held if d.lease is not None and not d.fenced]
+        return [d.lease for d in self._held if d.lease is not None and not (d.fenced or d.settled)]
 
     def _check_leases(self, now: float) -> None:
         # Fence what the link no longer proves; then probe it (once the keep-alives above
         # are queued, so that the answer proves them).
         for delivery in list(self._held):
             lease = delivery.lease
-            if lease is not None and not delivery.fenced and lease.fenced(now):
+            if lease is None or delivery.fenced or delivery.settled:
+                continue  # settled: its outcome is in, nothing more to keep
+            if lease.fenced(now):
                 self._fence(delivery)
         assert self.probe_subject is not None
         prober = self._prober
-        if not prober.due():
-            return
+        if not self.conn.connected or not prober.due():
+            return  # a probe queued for a reconnect would prove what the old link lost
         sent, epoch = now, prober.epoch
 
         def on_answer(msg: Message | None, error: BaseException | None) -> None:
-            if epoch == prober.epoch:
-                prober.outstanding = False
+            prober.settled(epoch)
             if msg is not None:
                 prober.answered(sent, epoch, trio.current_time(), self._leases())
 
         try:
+            # A late answer still proves what it proves, while the lease it extends lasts.
             self.conn.request_nowait(
-                self.probe_subject, b"", timeout=self._tick * 2, on_reply=on_answer
+                self.probe_subject, b"", timeout=self._tick * 6, on_reply=on_answer
             )
         except Exception as exc:  # the connection is closed: the leases run out
-            prober.outstanding = False
+            prober.settled(epoch)
             log.debug("cannot probe the link: %r", exc)
 
     async def prove_link(self) -> None:
@@ -409,8 +421,9 @@ class Dispatcher:
         await self.conn.request(self.probe_subject, b"", timeout=5.0)
         prober.answered(sent, epoch, trio.current_time(), self._leases())
 
-    def _on_reconnect(self) -> None:
-        self._prober.reconnected(self._leases())
+    def _on_link_change(self) -> None:
+        self._prober.link_changed(self._leases())
+        self._tick_changed.set()  # renew and probe again at once
 
     def _fence(self, delivery: Delivery) -> None:
         self.fenced += 1

@@ -206,6 +206,7 @@ class Connection:
         self._sweep_wake = trio.Event()
         self._sweeper_idle = True
         self._reconnect_listeners: list[Callable[[], None]] = []
+        self._disconnect_listeners: list[Callable[[], None]] = []
         self._closed = False
         self.reconnects = 0
 
@@ -235,13 +236,21 @@ class Connection:
         """A unique subject to receive replies on."""
         return self._link.new_inbox()
 
-    def add_reconnect_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener()`` (synchronously, in Trio) after every reconnect; returns a remover."""
-        self._reconnect_listeners.append(listener)
+    def add_reconnect_listener(
+        self, listener: Callable[[], None], *, disconnects: bool = False
+    ) -> Callable[[], None]:
+        """Call ``listener()`` (synchronously, in Trio) after every reconnect (and, with
+        ``disconnects``, as soon as the link is found lost); returns a remover."""
+        lists = [self._reconnect_listeners]
+        if disconnects:
+            lists.append(self._disconnect_listeners)
+        for listeners in lists:
+            listeners.append(listener)
 
         def remove() -> None:
-            if listener in self._reconnect_listeners:
-                self._reconnect_listeners.remove(listener)
+            for listeners in lists:
+                if listener in listeners:
+                    listeners.remove(listener)
 
         return remove
 
@@ -551,6 +560,13 @@ class Connection:
         _, command = self._link.subscribe(self._mux_prefix + "*", "", self._on_reply)
         self._enqueue(command)
 
+    def _disconnected(self) -> None:
+        for listener in list(self._disconnect_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("disconnect listener %r failed", listener)
+
     def _reconnected(self) -> None:
         self.reconnects += 1
         self._max_payload = self._link.max_payload
@@ -649,6 +665,10 @@ async def connect(
         if holder:
             holder[0]._reconnected()
 
+    def on_disconnect() -> None:
+        if holder:
+            holder[0]._disconnected()
+
     def on_closed() -> None:
         if holder and not holder[0]._closed:
             log.error("the connection to %s closed and will not reconnect", shown)
@@ -656,7 +676,13 @@ async def connect(
 
     with single_error():
         async with open_link(
-            urls, shown, connect_timeout, options, on_reconnect=on_reconnect, on_closed=on_closed
+            urls,
+            shown,
+            connect_timeout,
+            options,
+            on_reconnect=on_reconnect,
+            on_closed=on_closed,
+            on_disconnect=on_disconnect,
         ) as link:
             conn = Connection(link, link.url or shown)
             holder.append(conn)
