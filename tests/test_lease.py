@@ -21,40 +21,35 @@ def test_a_delivery_before_any_answered_probe_is_fenced_at_once() -> None:
 
 def test_a_lease_starts_at_the_last_answered_probe() -> None:
     prober = Prober()
-    prober.answered(5.0, prober.epoch, 5.1, [])
+    prober.answered(5.0, prober.epoch)
     lease = prober.lease(10.0)
     assert lease.ends == 15.0
     assert not lease.fenced(15.0 - 10.0 * FENCE_SHARE - 0.01)
     assert lease.fenced(15.0 - 10.0 * FENCE_SHARE)
 
 
-def test_a_keep_alive_counts_once_a_later_probe_is_answered_in_time() -> None:
+def test_an_answered_keep_alive_renews_the_lease_from_when_it_was_sent() -> None:
     lease = Lease(0.0, 10.0)
-    lease.renewed(3.0)
-    lease.proven(2.0, 2.1)  # a probe sent before the keep-alive proves nothing of it
-    assert (lease.ends, lease.renewals) == (10.0, [3.0])
-    lease.proven(4.0, 4.1)
-    assert (lease.ends, lease.renewals) == (13.0, [])
+    lease.renewed(3.0, 3.1)
+    assert lease.ends == 13.0
+    lease.renewed(2.0, 3.5)  # an older one answered late moves nothing back
+    assert lease.ends == 13.0
 
 
 def test_an_answer_after_the_lease_ended_proves_nothing() -> None:
-    # The server may have handed the task on before the keep-alive arrived.
+    # The server may have handed the task on before the keep-alive was processed.
     lease = Lease(0.0, 10.0)
-    lease.renewed(3.0)
-    lease.proven(4.0, 10.5)
+    lease.renewed(3.0, 10.5)
     assert lease.ends == 10.0
 
 
-def test_a_link_change_drops_unproven_keep_alives_and_stale_answers() -> None:
+def test_a_link_change_voids_what_was_sent_before() -> None:
     prober = Prober()
-    lease = Lease(0.0, 10.0)
-    lease.renewed(3.0)
     epoch = prober.epoch
     assert prober.due()
-    prober.link_changed([lease])
-    assert lease.renewals == []
-    prober.answered(4.0, epoch, 4.1, [lease])
-    assert (lease.ends, prober.answered_sent) == (10.0, -math.inf)
+    prober.link_changed()
+    prober.answered(4.0, epoch)
+    assert prober.answered_sent == -math.inf
     assert prober.outstanding == 0  # the lost probe is no longer counted as out
 
 
@@ -70,64 +65,60 @@ def test_probes_out_are_bounded() -> None:
 @pytest.mark.parametrize("rtt_share", [0.01, 0.3, 0.9, 1.5, 1.9])
 def test_a_healthy_link_never_fences_a_long_execution(rtt_share: float) -> None:
     # The dispatcher's order on every tick (ack_wait / 6): fence what is short, renew
-    # every exclusive delivery, send a probe; answers come one round trip later. A
-    # delivery may arrive at any moment between ticks, with probes still out. Healthy:
-    # round trips under a third of the ack wait (two ticks).
+    # every exclusive delivery (answered a round trip later), send a probe. A delivery
+    # may arrive at any moment between ticks, with probes still out. Healthy: round
+    # trips under a third of the ack wait (two ticks).
     ack_wait = 6.0
     tick = ack_wait / 6
     rtt = rtt_share * tick
     for phase in [i / 20 for i in range(20)]:
         prober = Prober()
-        prober.answered(-tick, prober.epoch, -tick + rtt, [])
-        answers: list[tuple[float, float]] = []  # (answered at, sent at)
+        prober.answered(-tick, prober.epoch)
+        probes: list[tuple[float, float]] = []  # (answered at, sent at)
+        renewals: list[tuple[float, float]] = []
         lease = None
+        arrival = (phase + 3) * tick
         for n in range(60):
             now = n * tick
-            arrival = (phase + 3) * tick
-            for at, sent in sorted(answers):
+            for at, sent in probes:
                 if at <= now:
-                    prober.answered(sent, prober.epoch, at, [lease] if lease else [])
-            answers = [(at, sent) for at, sent in answers if at > now]
+                    prober.answered(sent, prober.epoch)
+            probes = [(at, sent) for at, sent in probes if at > now]
+            if lease is not None:
+                for at, sent in renewals:
+                    if at <= now:
+                        lease.renewed(sent, at)
+                renewals = [(at, sent) for at, sent in renewals if at > now]
             if lease is None and now >= arrival:
                 # Arrived between the previous tick and this one, answers so far in.
                 lease = prober.lease(ack_wait)
             if lease is not None:
                 assert not lease.fenced(now), (rtt_share, phase, n)
-                lease.renewed(now)
-            answers.append((now + rtt, now))
+                renewals.append((now + rtt, now))
+            probes.append((now + rtt, now))
 
 
 @given(
     st.lists(
-        st.tuples(
-            st.sampled_from(["renew", "probe"]),
-            st.floats(0.0, 5.0),
-            st.floats(0.0, 2.0),
-        ),
+        st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 2.0), st.floats(0.0, 2.0)),
         max_size=40,
     )
 )
 def test_the_proven_end_never_passes_what_the_server_could_have(
-    steps: list[tuple[str, float, float]],
+    steps: list[tuple[float, float, float]],
 ) -> None:
-    # A model of the server: its timer restarts when a keep-alive arrives before it ran
-    # out. Keep-alives and probes share one ordered link with a varying delay.
+    # A model of the server: its timer restarts when it processes a keep-alive before
+    # the timer ran out, and it answers after processing.
     ack_wait = 3.0
     lease = Lease(0.0, ack_wait)
     now = 0.0
-    arrived = 0.0  # the link is in order: nothing arrives before what was sent earlier
     server_ends = ack_wait
-    for kind, gap, delay in steps:
+    for gap, to_server, back in steps:
         now += gap
-        arrived = max(arrived, now + delay)
-        if kind == "renew":
-            lease.renewed(now)
-            if arrived < server_ends:
-                server_ends = arrived + ack_wait
-        else:
-            answered = arrived + delay
-            lease.proven(now, answered)
-            now = max(now, answered)
+        processed = now + to_server
+        if processed < server_ends:
+            server_ends = processed + ack_wait
+        lease.renewed(now, processed + back)
         assert lease.ends <= server_ends
 
 

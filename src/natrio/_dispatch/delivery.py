@@ -56,6 +56,7 @@ class Delivery:
         "lease",
         "msg",
         "position",
+        "renew",
         "route",
         "running",
         "scope",
@@ -93,6 +94,8 @@ class Delivery:
         # fenced: given up when the lease ran short, never to be settled from here.
         self.lease: Lease | None = None
         self.fenced = False
+        # How an exclusive delivery's +WPI is sent (with a reply that renews its lease).
+        self.renew: Callable[[Delivery, float], None] | None = None
         self._holds = 1
         self._send = send
         self._on_release = on_release
@@ -136,8 +139,12 @@ class Delivery:
     def in_progress(self, now: float) -> None:
         """Reset the server's ack timer (``+WPI``), unless already settled."""
         self.last_progress = now
-        if not self.settled and self._send_safely(b"+WPI") and self.lease is not None:
-            self.lease.renewed(now)
+        if self.settled:
+            return
+        if self.renew is not None:
+            self.renew(self, now)  # a +WPI whose answer renews the lease
+        else:
+            self._send_safely(b"+WPI")
 
     def fence(self) -> None:
         """Give the delivery up: its lease may have run out, so the server may have handed

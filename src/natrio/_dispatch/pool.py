@@ -23,7 +23,7 @@ from ..middleware import Middleware
 from .delivery import Delivery
 from .edge import ack_position
 from .execution import Executor, Route
-from .lease import Lease, Prober
+from .lease import Prober
 from .queue import Closed, RunnerQueue
 from .recording import Recorder, StepHooks
 from .tally import TaskTypeStatistics
@@ -180,6 +180,7 @@ class Dispatcher:
                 return
             if prober is not None:
                 lease = delivery.lease = prober.lease(route.ack_wait)
+                delivery.renew = self._renew
                 if lease.fenced(delivery.last_progress):
                     # Sent before the last proof of the link: it may be another's by now.
                     self._fence(delivery)
@@ -354,7 +355,7 @@ class Dispatcher:
 
     async def _keep_alive(self) -> None:
         # One loop keeps every held task alive, queued or running, with +WPI every ack_wait/3
-        # (exclusive ones every tick, ack_wait/6, each followed by a probe of the link).
+        # (exclusive ones every tick, ack_wait/6, with a reply; and a probe of the link).
         # Shielded so that handlers finishing inside the shutdown grace stay alive too;
         # shutdown() (or the end of run()) ends it.
         with self._keep_alive_scope:
@@ -371,7 +372,7 @@ class Dispatcher:
                     now = trio.current_time()
                 for delivery in list(self._held):
                     # Exclusive deliveries are renewed every tick, each renewal proven by
-                    # the probe sent right after it (see lease.py).
+                    # its answer (see lease.py).
                     if delivery.lease is not None or (
                         now - delivery.last_progress >= delivery.route.ack_wait / 3
                     ):
@@ -379,12 +380,31 @@ class Dispatcher:
                 if self._exclusive:
                     self._check_leases(now)
 
-    def _leases(self) -> list[Lease]:
-        return [d.lease for d in self._held if d.lease is not None and not (d.fenced or d.settled)]
+    def _renew(self, delivery: Delivery, now: float) -> None:
+        # +WPI with a reply: the consumer answers once it has processed it, which is what
+        # proves the renewal (lease.py). Ack subjects were checked on arrival.
+        epoch = self._prober.epoch
+        prober = self._prober
+
+        def on_answer(msg: Message | None, error: BaseException | None) -> None:
+            lease = delivery.lease
+            if msg is not None and epoch == prober.epoch and lease is not None:
+                lease.renewed(now, trio.current_time())
+
+        try:
+            self.conn.request_nowait(
+                delivery.msg.reply,
+                b"+WPI",
+                timeout=delivery.route.ack_wait,
+                on_reply=on_answer,
+                subject_checked=True,
+            )
+        except Exception as exc:  # the connection is closed: the lease runs out
+            log.debug("cannot renew %s: %r", delivery.msg.subject[:200], exc)
 
     def _check_leases(self, now: float) -> None:
-        # Fence what the link no longer proves; then probe it (once the keep-alives above
-        # are queued, so that the answer proves them).
+        # Fence what the link no longer proves; then probe it, for the leases of the
+        # deliveries still to come.
         for delivery in list(self._held):
             lease = delivery.lease
             if lease is None or delivery.fenced or delivery.settled:
@@ -400,10 +420,9 @@ class Dispatcher:
         def on_answer(msg: Message | None, error: BaseException | None) -> None:
             prober.settled(epoch)
             if msg is not None:
-                prober.answered(sent, epoch, trio.current_time(), self._leases())
+                prober.answered(sent, epoch)
 
         try:
-            # A late answer still proves what it proves, while the lease it extends lasts.
             self.conn.request_nowait(
                 self.probe_subject, b"", timeout=self._tick * 6, on_reply=on_answer
             )
@@ -419,10 +438,10 @@ class Dispatcher:
         prober = self._prober
         sent, epoch = trio.current_time(), prober.epoch
         await self.conn.request(self.probe_subject, b"", timeout=5.0)
-        prober.answered(sent, epoch, trio.current_time(), self._leases())
+        prober.answered(sent, epoch)
 
     def _on_link_change(self) -> None:
-        self._prober.link_changed(self._leases())
+        self._prober.link_changed()
         self._tick_changed.set()  # renew and probe again at once
 
     def _fence(self, delivery: Delivery) -> None:
