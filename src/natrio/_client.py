@@ -884,9 +884,9 @@ def _identity(entry: DeadLetter) -> tuple[str, str, str, str, int]:
 
 
 def _key_header(key: str) -> str:
-    # What the wire edge accepts as a Natrio-Key (dispatch.edge.MAX_KEY characters).
-    if len(key) > 1024 or "\r" in key or "\n" in key:
+    # What the wire edge accepts as a Natrio-Key.
+    if len(key) > wire.MAX_KEY or "\r" in key or "\n" in key:
         raise ConfigurationError(
-            "a delayed task's key travels in a header: at most 1024 characters, one line"
+            f"a delayed task's key travels in a header: at most {wire.MAX_KEY} characters, one line"
         )
     return key

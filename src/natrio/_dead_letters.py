@@ -23,7 +23,6 @@ import trio
 
 from . import _wire as wire
 from ._dispatch.edge import (
-    MAX_KEY,
     MAX_RETRY_HEADER,
     ack_position,
     split_task_subject,
@@ -348,7 +347,7 @@ def replay_headers(entry: DeadLetter) -> tuple[dict[str, str], list[str]]:
             else:
                 dropped.append(name)
         elif name == wire.H_KEY:
-            if len(value) <= MAX_KEY:
+            if len(value) <= wire.MAX_KEY:
                 kept[name] = value
             else:
                 dropped.append(name)

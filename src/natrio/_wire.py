@@ -64,6 +64,8 @@ H_REPLY: Final = "Natrio-Reply"
 H_SUBMITTED: Final = "Natrio-Submitted"
 #: The partition key of a task published without its partition (see docs/routing.md).
 H_KEY: Final = "Natrio-Key"
+#: The longest ``Natrio-Key`` natrio takes (and sends).
+MAX_KEY: Final = 1024
 # Headers natrio sets on events and replies.
 H_OUTCOME: Final = "Natrio-Outcome"
 H_TASK_SEQ: Final = "Natrio-Task-Seq"

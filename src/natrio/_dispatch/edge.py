@@ -41,8 +41,6 @@ _ITERATION = re.compile(r"[1-9][0-9]{0,8}")
 _TASK_HEADERS: Final = frozenset(
     {wire.H_RETRY, wire.H_DEADLINE, wire.H_REPLY, wire.H_SUBMITTED, wire.H_ITERATION, wire.H_KEY}
 )
-#: The longest ``Natrio-Key`` natrio takes.
-MAX_KEY: Final = 1024
 _LOWER: Final = {name.lower(): name for name in _TASK_HEADERS}
 # The only headers of JetStream's message schedules a task may carry: those the server
 # adds to the task it stores when a schedule fires (see _fired_run_id).
@@ -211,8 +209,8 @@ def read_task(
         if text:
             reply = reply_target(check_reply(text), inbox_prefix)
         text = headers.get(wire.H_KEY)
-        if text is not None and len(text) > MAX_KEY:
-            raise MalformedTask(f"{wire.H_KEY} is over {MAX_KEY} characters")
+        if text is not None and len(text) > wire.MAX_KEY:
+            raise MalformedTask(f"{wire.H_KEY} is over {wire.MAX_KEY} characters")
         scheduler = headers.get(wire.H_SCHEDULER)
         next_time = headers.get(wire.H_SCHEDULE_NEXT)
         if scheduler is not None or next_time is not None:

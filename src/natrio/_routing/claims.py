@@ -198,8 +198,8 @@ class ClaimCoordinator:
         placement = name.rpartition("~")[2]
         config = wire.consumer_config(route.task_type, group, route.ack_wait, placement=placement)
         js = self.consumers.js
-        info = await js.stream_info(wire.TASK_STREAM, subjects_filter=config["filter_subject"])
-        if (info.get("state") or {}).get("subjects"):
+        # Counted, not listed: the claim may have many tasks waiting.
+        if await js.subject_count(wire.TASK_STREAM, config["filter_subject"]):
             log.info("consumer %s: a task arrived while it was deleted; made again", name)
             await js.ensure_consumer(wire.TASK_STREAM, config)
 
